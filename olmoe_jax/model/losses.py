@@ -1,0 +1,74 @@
+"""Training losses: masked cross-entropy, load balancing (two forms) and router z-loss.
+
+Load balancing, `lb_loss_type`:
+- "olmoe" (default; OLMoE's training code, megablocks): per layer
+  E / (T * k) * sum_e tokens_per_expert_e * mean_prob_e, then averaged over layers. Equals 1
+  when routing is perfectly balanced. tokens_per_expert counts the k slots.
+- "hf" (transformers' `load_balancing_loss_func`, for parity checks): tokens of all layers are
+  pooled and the 1/k factor is omitted, so a balanced router scores k.
+Router z-loss: mean over tokens of logsumexp(logits)^2 per layer (no 1/k), averaged over layers.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from olmoe_jax.model import transformer
+
+
+def cross_entropy(logits_BTV, targets_BT, mask_BT):
+    """Mean token cross-entropy (nats) over positions where mask is 1; and the token count."""
+    logz = jax.nn.logsumexp(logits_BTV, axis=-1)
+    tgt = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
+    nll = (logz - tgt) * mask_BT
+    n = jnp.sum(mask_BT)
+    return jnp.sum(nll) / jnp.maximum(n, 1.0), n
+
+
+def load_balancing_per_layer(tokens_per_expert_LE, prob_mean_LE, top_k: int):
+    """OLMoE form, one value per layer [L]."""
+    E = tokens_per_expert_LE.shape[-1]
+    T = jnp.sum(tokens_per_expert_LE, axis=-1) / top_k  # tokens routed in each layer
+    counts = jax.lax.stop_gradient(tokens_per_expert_LE)
+    return E / (T * top_k) * jnp.sum(counts * prob_mean_LE, axis=-1)
+
+
+def load_balancing_hf(tokens_per_expert_LE, prob_mean_LE, top_k: int):
+    """transformers' form: layers pooled, no 1/k."""
+    L, E = tokens_per_expert_LE.shape
+    T = jnp.sum(tokens_per_expert_LE[0]) / top_k
+    frac_E = jax.lax.stop_gradient(jnp.sum(tokens_per_expert_LE, axis=0)) / (L * T)
+    return E * jnp.sum(frac_E * jnp.mean(prob_mean_LE, axis=0))
+
+
+def router_losses(aux, cfg):
+    """(weighted sum to add to the loss, metrics) from apply's aux."""
+    m = cfg.model
+    if m.ffn_type != "moe":
+        return jnp.zeros((), jnp.float32), {}
+    tpe, pm = aux["tokens_per_expert"], aux["prob_mean"]
+    lb_layers = load_balancing_per_layer(tpe, pm, m.top_k)
+    lb = jnp.mean(lb_layers) if m.lb_loss_type == "olmoe" else load_balancing_hf(tpe, pm, m.top_k)
+    z_layers = aux["z_loss"]
+    z = jnp.mean(z_layers)
+    total = m.lb_loss_weight * lb + m.z_loss_weight * z
+    metrics = {
+        "lb_loss": lb,
+        "z_loss": z,
+        "lb_loss_per_layer": lb_layers,
+        "z_loss_per_layer": z_layers,
+        "expert_load": tpe / jnp.sum(tpe, axis=-1, keepdims=True),  # [L, E], sums to 1
+        "dropped_frac": aux["dropped_frac"],
+    }
+    return total, metrics
+
+
+def loss_fn(params, batch, cfg):
+    """(total loss, metrics) for a batch {inputs, targets, loss_mask} [B, T]."""
+    logits, aux = transformer.apply(params, batch["inputs"], cfg)
+    ce, ntok = cross_entropy(logits, batch["targets"], batch["loss_mask"].astype(jnp.float32))
+    extra, metrics = router_losses(aux, cfg)
+    metrics.update(ce_loss=ce, tokens=ntok)
+    total = ce + extra
+    metrics["loss"] = total
+    return total, metrics

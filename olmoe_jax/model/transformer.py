@@ -1,0 +1,184 @@
+"""The OLMoE decoder as pure functions: param_specs -> init / logical_axes / count_params; apply.
+
+Every weight is declared once in `param_specs` (shape, logical axes, initializer); everything
+else is derived from that tree. Layer weights are stacked on a leading `layers` axis and run
+with `jax.lax.scan`, so compile time does not grow with depth.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from olmoe_jax.config import head_dim
+from olmoe_jax.model import layers
+from olmoe_jax.model.moe import moe_block
+
+
+class ParamSpec(NamedTuple):
+    shape: tuple[int, ...]
+    axes: tuple[str, ...]  # logical axis names, one per dim
+    init: str  # "normal" (the configured weight init) | "ones"
+
+
+def param_specs(cfg) -> dict[str, Any]:
+    """The tree of every weight; see docs/interfaces.md for the layout."""
+    m = cfg.model
+    V, D, L, H, K, hd = m.vocab_size, m.d_model, m.num_layers, m.num_heads, m.num_kv_heads, head_dim(cfg)
+    rms = m.norm_type == "rmsnorm"
+    w = lambda shape, axes: ParamSpec(tuple(shape), tuple(axes), "normal")  # noqa: E731
+    ones = lambda shape, axes: ParamSpec(tuple(shape), tuple(axes), "ones")  # noqa: E731
+
+    lay: dict[str, Any] = {
+        "wq": w((L, D, H, hd), ("layers", "embed", "heads", "head_dim")),
+        "wk": w((L, D, K, hd), ("layers", "embed", "kv_heads", "head_dim")),
+        "wv": w((L, D, K, hd), ("layers", "embed", "kv_heads", "head_dim")),
+        "wo": w((L, H, hd, D), ("layers", "heads", "head_dim", "embed")),
+    }
+    if rms:
+        lay["attn_norm"] = ones((L, D), ("layers", "embed"))
+        lay["mlp_norm"] = ones((L, D), ("layers", "embed"))
+        if m.qk_norm:
+            lay["q_norm"] = ones((L, H, hd), ("layers", "heads", "head_dim"))
+            lay["k_norm"] = ones((L, K, hd), ("layers", "kv_heads", "head_dim"))
+    if m.ffn_type == "moe":
+        E, F = m.num_experts, m.expert_dim
+        moe = {
+            "router": w((L, D, E), ("layers", "embed", "router_expert")),
+            "w_gate": w((L, E, D, F), ("layers", "expert", "embed", "mlp")),
+            "w_up": w((L, E, D, F), ("layers", "expert", "embed", "mlp")),
+            "w_down": w((L, E, F, D), ("layers", "expert", "mlp", "embed")),
+        }
+        if m.num_shared_experts:
+            SF = m.num_shared_experts * F  # S experts of width F == one SwiGLU of width S*F
+            moe["shared_gate"] = w((L, D, SF), ("layers", "embed", "mlp"))
+            moe["shared_up"] = w((L, D, SF), ("layers", "embed", "mlp"))
+            moe["shared_down"] = w((L, SF, D), ("layers", "mlp", "embed"))
+        lay["moe"] = moe
+    else:
+        F = m.mlp_dim
+        lay["mlp"] = {
+            "w_gate": w((L, D, F), ("layers", "embed", "mlp")),
+            "w_up": w((L, D, F), ("layers", "embed", "mlp")),
+            "w_down": w((L, F, D), ("layers", "mlp", "embed")),
+        }
+    specs: dict[str, Any] = {"embed": w((V, D), ("vocab", "embed")), "layers": lay}
+    if rms:
+        specs["final_norm"] = ones((D,), ("embed",))
+    if not m.tie_embeddings:
+        specs["lm_head"] = w((D, V), ("embed", "vocab"))
+    return specs
+
+
+def _is_spec(x) -> bool:
+    return isinstance(x, ParamSpec)
+
+
+def logical_axes(cfg):
+    return jax.tree.map(lambda s: s.axes, param_specs(cfg), is_leaf=_is_spec)
+
+
+def abstract_params(cfg):
+    dtype = jnp.dtype(cfg.model.param_dtype)
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), param_specs(cfg), is_leaf=_is_spec)
+
+
+def init(cfg, rng) -> dict[str, Any]:
+    """Initialises every weight: normal or truncated normal (std, cutoff in stds); norms to one.
+
+    Each leaf's key is folded from its path, so adding a weight does not change the others.
+    """
+    m = cfg.model
+    dtype = jnp.dtype(m.param_dtype)
+
+    def one(path, spec: ParamSpec):
+        if spec.init == "ones":
+            return jnp.ones(spec.shape, dtype)
+        name = jax.tree_util.keystr(path)
+        key = jax.random.fold_in(rng, zlib.crc32(name.encode()) & 0x7FFFFFFF)
+        if m.init == "truncated_normal":
+            c = m.init_cutoff
+            x = jax.random.truncated_normal(key, -c, c, spec.shape, jnp.float32)
+        else:
+            x = jax.random.normal(key, spec.shape, jnp.float32)
+        return (x * m.init_std).astype(dtype)
+
+    return jax.tree_util.tree_map_with_path(one, param_specs(cfg), is_leaf=_is_spec)
+
+
+def count_params(cfg) -> tuple[int, int]:
+    """(total, active per token). Active counts top_k routed experts (token choice) or
+    top_k * capacity_factor on average (expert choice), the whole router, both embeddings."""
+    m = cfg.model
+    sizes = jax.tree.map(lambda s: math.prod(s.shape), param_specs(cfg), is_leaf=_is_spec)
+    total = sum(jax.tree.leaves(sizes))
+    active = total
+    if m.ffn_type == "moe":
+        per_expert = sum(sizes["layers"]["moe"][k] for k in ("w_gate", "w_up", "w_down")) // m.num_experts
+        used = m.top_k if m.router_type == "token_choice" else m.top_k * m.capacity_factor
+        active = total - int(round((m.num_experts - used) * per_expert))
+    return total, active
+
+
+def init_cache(cfg, batch: int, max_len: int, dtype=jnp.float32):
+    """An empty KV cache for `apply`: k, v [L, B, S, K, hd] and the write index."""
+    m = cfg.model
+    shape = (m.num_layers, batch, max_len, m.num_kv_heads, head_dim(cfg))
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "index": jnp.zeros((), jnp.int32)}
+
+
+_REMAT = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def apply(params, tokens_BT, cfg, *, positions_BT=None, cache=None, return_routing=False):
+    """Logits [B, T, V] (float32) and aux (router statistics per layer; see docs/interfaces.md).
+
+    tokens_BT: int32 token ids. positions_BT: defaults to 0..T-1, or cache index + 0..T-1.
+    cache: from `init_cache`; the returned aux["cache"] holds the keys/values written.
+    """
+    m = cfg.model
+    dt = jnp.dtype(m.compute_dtype)
+    B, T = tokens_BT.shape
+    if positions_BT is None:
+        start = 0 if cache is None else cache["index"]
+        positions_BT = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
+    x = jnp.take(params["embed"], tokens_BT, axis=0).astype(dt)
+
+    def layer(x, xs):
+        p, kv = xs
+        c = None if kv is None else {"k": kv[0], "v": kv[1], "index": cache["index"]}
+        h = layers.norm(x, p.get("attn_norm"), cfg)
+        a, c = layers.attention(p, h, positions_BT, cfg, c)
+        x = x + a
+        h = layers.norm(x, p.get("mlp_norm"), cfg)
+        if m.ffn_type == "moe":
+            y, stats = moe_block(p["moe"], h, cfg)
+            if not return_routing:
+                stats = {k: v for k, v in stats.items() if k != "topk_idx"}
+        else:
+            q = p["mlp"]
+            y, stats = layers.swiglu(h, q["w_gate"].astype(dt), q["w_up"].astype(dt), q["w_down"].astype(dt)), {}
+        new_kv = None if c is None else (c["k"], c["v"])
+        return x + y, (stats, new_kv)
+
+    if m.remat != "none":
+        layer = jax.checkpoint(layer, policy=_REMAT[m.remat], prevent_cse=False)
+    kv = None if cache is None else (cache["k"], cache["v"])
+    x, (stats, new_kv) = jax.lax.scan(
+        layer, x, (params["layers"], kv), unroll=1 if m.scan_layers else m.num_layers)
+    x = layers.norm(x, params.get("final_norm"), cfg)
+    head = params["embed"].T if m.tie_embeddings else params["lm_head"]
+    logits = jnp.einsum("btd,dv->btv", x, head.astype(dt), preferred_element_type=jnp.float32)
+
+    aux = dict(stats)
+    if "topk_idx" in aux:
+        aux["routing"] = aux.pop("topk_idx")
+    if cache is not None:
+        aux["cache"] = {"k": new_kv[0], "v": new_kv[1], "index": cache["index"] + T}
+    return logits, aux
