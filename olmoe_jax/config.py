@@ -186,14 +186,8 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     if cfg.data.seq_len > m.max_seq_len:
         raise ConfigError(
             f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
-    if cfg.data.source in ("npy", "jsonl", "tfds") and not cfg.data.path:
-        raise ConfigError(f"data.source={cfg.data.source} needs data.path")
-    if cfg.data.source == "npy" and cfg.data.tokenizer == "sentencepiece" and not cfg.data.tokenizer_path:
-        raise ConfigError(
-            "data.source=npy is pre-tokenized: set data.tokenizer=none or hf, or point "
-            "data.tokenizer_path at the tokenizer that made it")
-    if cfg.data.tokenizer == "hf" and not cfg.data.tokenizer_path:
-        raise ConfigError("data.tokenizer=hf needs data.tokenizer_path (a folder or tokenizer.json)")
+    # Data paths and tokenizer files are checked at launch (olmoe_jax.data), since registry
+    # configs such as olmoe_1b7b name no local paths.
     if num_devices is not None:
         mesh_shape(cfg, num_devices)
     return cfg
