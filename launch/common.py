@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import ml_collections
 
-from olmoe_jax.config import ConfigError, apply_overrides, default_config, validate
+from olmoe_jax.config import ConfigError, apply_overrides, from_json, validate
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, *, experiment_required: bool = False) -> None:
@@ -15,28 +14,6 @@ def add_config_arguments(parser: argparse.ArgumentParser, *, experiment_required
                         help="registry name (`olmoe experiments` lists them)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set model.num_experts=32 (repeatable)")
-
-
-def config_from_json(text: str, source: str) -> ml_collections.ConfigDict:
-    """A config saved as JSON, checked against the schema (unknown or missing keys are errors)."""
-    try:
-        raw = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{source} is not valid JSON ({e}); restore it or start a new workdir") from e
-    cfg = ml_collections.ConfigDict(raw)
-    ref = default_config()
-    # JSON has no int/float distinction for whole numbers: coerce to the schema's types.
-    for section in ref.keys():
-        if section in cfg and isinstance(ref[section], ml_collections.ConfigDict):
-            for key in ref[section].keys():
-                if key in cfg[section] and isinstance(ref[section][key], float) \
-                        and isinstance(cfg[section][key], int) and not isinstance(cfg[section][key], bool):
-                    with cfg[section].ignore_type():
-                        cfg[section][key] = float(cfg[section][key])
-    try:
-        return validate(cfg)
-    except ConfigError as e:
-        raise ConfigError(f"{source}: {e}") from e
 
 
 def resolve_config(experiment: str | None, overrides: list[str],
@@ -52,7 +29,7 @@ def resolve_config(experiment: str | None, overrides: list[str],
     if experiment:
         cfg = experiments.get(experiment)
     elif saved is not None and saved.exists():
-        cfg = config_from_json(saved.read_text(), str(saved))
+        cfg = from_json(saved.read_text(), str(saved))
     elif saved is not None:
         raise ConfigError(f"{workdir} has no config.json; pass --experiment NAME (see `olmoe experiments`)")
     else:

@@ -7,6 +7,7 @@ values. `validate(cfg)` checks types, ranges and cross-field constraints and rai
 from __future__ import annotations
 
 import ast
+import json
 from typing import Any, Sequence
 
 import ml_collections
@@ -306,3 +307,25 @@ def apply_overrides(cfg: ml_collections.ConfigDict, assignments: Sequence[str]) 
     for a in assignments:
         parse_override(cfg, a)
     return cfg
+
+
+def from_json(text: str, source: str) -> ml_collections.ConfigDict:
+    """A config saved as JSON, checked against the schema (unknown or missing keys are errors)."""
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{source} is not valid JSON ({e}); restore it or start a new workdir") from e
+    cfg = ml_collections.ConfigDict(raw)
+    ref = default_config()
+    # JSON has no int/float distinction for whole numbers: coerce to the schema's types.
+    for section in ref.keys():
+        if section in cfg and isinstance(ref[section], ml_collections.ConfigDict):
+            for key in ref[section].keys():
+                if key in cfg[section] and isinstance(ref[section][key], float) \
+                        and isinstance(cfg[section][key], int) and not isinstance(cfg[section][key], bool):
+                    with cfg[section].ignore_type():
+                        cfg[section][key] = float(cfg[section][key])
+    try:
+        return validate(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from e
