@@ -28,16 +28,17 @@ def cross_entropy(logits_BTV, targets_BT, mask_BT):
 def load_balancing_per_layer(tokens_per_expert_LE, prob_mean_LE, top_k: int):
     """OLMoE form, one value per layer [L]."""
     E = tokens_per_expert_LE.shape[-1]
-    T = jnp.sum(tokens_per_expert_LE, axis=-1) / top_k  # tokens routed in each layer
-    counts = jax.lax.stop_gradient(tokens_per_expert_LE)
+    counts = jax.lax.stop_gradient(tokens_per_expert_LE)  # integer counts: no gradient
+    T = jnp.sum(counts, axis=-1) / top_k  # tokens routed in each layer
     return E / (T * top_k) * jnp.sum(counts * prob_mean_LE, axis=-1)
 
 
 def load_balancing_hf(tokens_per_expert_LE, prob_mean_LE, top_k: int):
     """transformers' form: layers pooled, no 1/k."""
     L, E = tokens_per_expert_LE.shape
-    T = jnp.sum(tokens_per_expert_LE[0]) / top_k
-    frac_E = jax.lax.stop_gradient(jnp.sum(tokens_per_expert_LE, axis=0)) / (L * T)
+    counts = jax.lax.stop_gradient(tokens_per_expert_LE)
+    T = jnp.sum(counts[0]) / top_k
+    frac_E = jnp.sum(counts, axis=0) / (L * T)
     return E * jnp.sum(frac_E * jnp.mean(prob_mean_LE, axis=0))
 
 

@@ -1,0 +1,45 @@
+"""`olmoe experiments`: list the registry; --config NAME prints a resolved config; --params NAME
+its parameter counts (via jax.eval_shape: no memory is allocated for the weights)."""
+from __future__ import annotations
+
+import argparse
+
+from launch.common import resolve_config
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--config", metavar="NAME", help="print the resolved config of NAME")
+    group.add_argument("--params", metavar="NAME", help="print total and active parameter counts of NAME")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value before printing (repeatable)")
+
+
+def run(args) -> int:
+    import experiments  # pylint: disable=import-outside-toplevel
+
+    if args.config:
+        print(resolve_config(args.config, args.overrides).to_yaml(), end="")
+        return 0
+    if args.params:
+        cfg = resolve_config(args.params, args.overrides)
+        from olmoe_jax.model import transformer  # pylint: disable=import-outside-toplevel
+        total, active = transformer.count_params(cfg)
+        shapes = transformer.abstract_params(cfg)
+        print(f"{args.params}: total {total:,} parameters, active per token {active:,}")
+        for path, leaf in _flat(shapes):
+            print(f"  {path:<28} {str(tuple(leaf.shape)):<26} {leaf.size:>16,}")
+        return 0
+    for name in experiments.names():
+        print(f"{name:<16} {experiments.describe(name)}")
+    return 0
+
+
+def _flat(tree, prefix=""):
+    for key in sorted(tree):
+        value = tree[key]
+        path = f"{prefix}/{key}" if prefix else key
+        if isinstance(value, dict):
+            yield from _flat(value, path)
+        else:
+            yield path, value
