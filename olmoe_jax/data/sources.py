@@ -1,0 +1,262 @@
+"""Where documents come from, and the checks that reject bad input before anything compiles.
+
+Sources (`data.source`):
+  builtin  the built-in corpus (corpus.py), domains code/prose/arithmetic/records
+  npy      OLMo-style token files: flat arrays of token ids, documents separated by EOS.
+           OLMo writes them with np.memmap, so despite the .npy suffix they usually have no
+           header (dtype `data.npy_dtype`); real .npy files (with a header) work too.
+           Validation is the last 2% of each file's tokens.
+  jsonl    one JSON object per line, text in field `data.text_key`, optional "domain"
+  tfds     any TFDS dataset by name (`data.path`, e.g. "lm1b" or "c4/en:3.1.0"), prepared
+           as ArrayRecord under <data_dir>/tfds; its validation (or test) split if it has one
+
+`data.path` is a glob or a comma-separated list of globs. Text sources that have no
+validation split of their own send a document to validation by a stable hash of its text (3%).
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import math
+import os
+from typing import Iterator
+
+import numpy as np
+
+from olmoe_jax.data import corpus
+from olmoe_jax.data.errors import DataError
+
+NPY_VALIDATION_FRACTION = 0.02
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+def resolve_paths(pattern: str, key: str = "data.path") -> list[str]:
+    """Files matching a glob or comma-separated globs, sorted, each once."""
+    if not pattern.strip():
+        raise DataError(f"{key} is empty; give a file, a glob, or comma-separated globs")
+    files: set[str] = set()
+    for part in (p.strip() for p in pattern.split(",")):
+        matches = [m for m in glob.glob(os.path.expanduser(part), recursive=True) if os.path.isfile(m)]
+        if not matches:
+            what = "does not exist" if not glob.has_magic(part) else "matches no file"
+            raise DataError(f"{key}: {part!r} {what}; fix {key}")
+        files.update(os.path.abspath(m) for m in matches)
+    return sorted(files)
+
+
+# ----------------------------------------------------------------------------- npy
+
+@dataclasses.dataclass(frozen=True)
+class Span:
+    """Tokens [start, stop) of one token file, opened on demand as a read-only memmap.
+
+    A description rather than an open array, so datasets holding spans pickle cheaply into
+    grain worker processes and each process maps the file itself.
+    """
+    path: str
+    dtype: str
+    header: int  # bytes before the first token: 0 for raw OLMo files, the header of a .npy
+    start: int
+    stop: int
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def read(self) -> np.ndarray:
+        """The tokens, [stop - start], memory-mapped (nothing is read until indexed)."""
+        if self.stop == self.start:
+            return np.zeros((0,), self.dtype)
+        return np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.header)[self.start:self.stop]
+
+    def split_at(self, i: int) -> tuple["Span", "Span"]:
+        return (dataclasses.replace(self, stop=self.start + i), dataclasses.replace(self, start=self.start + i))
+
+
+def open_token_file(path: str, dtype: str) -> Span:
+    """All tokens of one file, checked: 1-D integers, a whole number of tokens. Raw
+    (headerless) files are read as `dtype`; .npy files with a header use their own dtype."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        has_header = f.read(len(_NPY_MAGIC)) == _NPY_MAGIC
+    if has_header:
+        try:
+            arr = np.load(path, mmap_mode="r")
+        except ValueError as e:
+            raise DataError(f"{path}: has a .npy header but cannot be read ({e}); rewrite it") from e
+        if arr.ndim != 1 or arr.dtype.kind not in "ui":
+            raise DataError(f"{path}: a .npy token file must be 1-D integers, got shape "
+                            f"{arr.shape} dtype {arr.dtype}")
+        if arr.size == 0:
+            raise DataError(f"{path}: holds no tokens; remove it from data.path")
+        return Span(path, arr.dtype.str, int(arr.offset), 0, int(arr.size))
+    itemsize = np.dtype(dtype).itemsize
+    if size == 0:
+        raise DataError(f"{path}: is empty; remove it from data.path")
+    if size % itemsize:
+        raise DataError(
+            f"{path}: {size} bytes is not a multiple of {itemsize} (data.npy_dtype={dtype}); "
+            f"the file is truncated or data.npy_dtype is wrong")
+    return Span(path, np.dtype(dtype).str, 0, 0, size // itemsize)
+
+
+def npy_streams(cfg) -> dict[str, dict[str, list[Span]]]:
+    """{split: {"npy": [one span per file]}}; validation is the last 2% of each file."""
+    train, validation = [], []
+    for path in resolve_paths(cfg.data.path):
+        span = open_token_file(path, cfg.data.npy_dtype)
+        head, tail = span.split_at(len(span) - math.ceil(len(span) * NPY_VALIDATION_FRACTION))
+        train.append(head)
+        validation.append(tail)
+    return {"train": {"npy": train}, "validation": {"npy": validation}}
+
+
+def _check_token_ids(path: str, span: Span, vocab_size: int) -> None:
+    # Only a prefix: a full scan of a multi-GB file is not an up-front check.
+    head = np.asarray(span.read()[: 1 << 20])
+    if head.size and int(head.max()) >= vocab_size:
+        raise DataError(
+            f"{path}: token id {int(head.max())} >= model.vocab_size={vocab_size}; "
+            "wrong data.npy_dtype, or the data needs a larger model.vocab_size")
+
+
+# ----------------------------------------------------------------------------- jsonl
+
+def iter_jsonl(path: str, text_key: str, default_domain: str = "jsonl") -> Iterator[tuple[str, str]]:
+    """(domain, text) per non-blank line; DataError naming the file and line on bad input."""
+    with open(path, encoding="utf-8", errors="strict") as f:
+        try:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}, column {e.colno}); "
+                                    "each line must be one JSON object") from None
+                if not isinstance(obj, dict):
+                    raise DataError(f"{path}:{lineno}: a JSON {type(obj).__name__}, expected an object")
+                if text_key not in obj:
+                    fields = ", ".join(sorted(obj)[:10]) or "none"
+                    raise DataError(f"{path}:{lineno}: no field {text_key!r} (fields: {fields}); "
+                                    "set data.text_key to the field holding the text")
+                if not isinstance(obj[text_key], str):
+                    raise DataError(f"{path}:{lineno}: field {text_key!r} is "
+                                    f"{type(obj[text_key]).__name__}, expected a string")
+                yield str(obj.get("domain") or default_domain), obj[text_key]
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text ({e}); re-encode it as UTF-8") from None
+
+
+# ----------------------------------------------------------------------------- tfds
+
+def tfds_builder(cfg):
+    """The TFDS builder of `data.path`, under <data_dir>/tfds, ArrayRecord format."""
+    import tensorflow_datasets as tfds
+    data_dir = os.path.join(corpus.default_data_dir(cfg.data.data_dir), "tfds")
+    try:
+        builder = tfds.builder(cfg.data.path, data_dir=data_dir, file_format="array_record")
+    except Exception as e:  # tfds raises several types (DatasetNotFoundError, ValueError)
+        raise DataError(f"data.path={cfg.data.path!r}: no such TFDS dataset ({e})") from e
+    features = builder.info.features
+    if cfg.data.text_key not in features:
+        raise DataError(f"TFDS dataset {cfg.data.path!r} has no feature {cfg.data.text_key!r} "
+                        f"(features: {', '.join(features)}); set data.text_key")
+    return builder
+
+
+def _tfds_splits(builder) -> tuple[str, str | None]:
+    """(train split, validation split or None when validation is hashed out of train)."""
+    names = set(builder.info.splits.keys())
+    if "train" not in names:
+        raise DataError(f"TFDS dataset {builder.name} has no train split (splits: {sorted(names)})")
+    return "train", next((s for s in ("validation", "test") if s in names), None)
+
+
+def iter_tfds(cfg, split: str) -> Iterator[tuple[str, str]]:
+    builder = tfds_builder(cfg)
+    if not builder.is_prepared():
+        try:
+            builder.download_and_prepare()
+        except Exception as e:
+            raise DataError(f"TFDS dataset {cfg.data.path!r} is not prepared under "
+                            f"{builder.data_dir} and preparing it failed ({e})") from e
+    train_split, val_split = _tfds_splits(builder)
+    source = builder.as_data_source(split=val_split if split == "validation" and val_split else train_split)
+    name = builder.name
+    for start in range(0, len(source), 1024):
+        for ex in source.__getitems__(range(start, min(start + 1024, len(source)))):
+            text = ex[cfg.data.text_key]
+            text = text.decode("utf-8") if isinstance(text, bytes) else str(text)
+            if val_split is None and corpus.split_of(text) != split:
+                continue
+            domain = ex.get("domain", name)
+            yield (domain.decode() if isinstance(domain, bytes) else str(domain)), text
+
+
+# ----------------------------------------------------------------------------- text, any source
+
+def text_documents(cfg, split: str) -> Iterator[tuple[str, str]]:
+    """(domain, text) of every document of `split` ("train" | "validation"), in a fixed order."""
+    source = cfg.data.source
+    if source == "builtin":
+        yield from corpus.read_split(cfg.data.data_dir, split)
+    elif source == "jsonl":
+        for path in resolve_paths(cfg.data.path):
+            for domain, text in iter_jsonl(path, cfg.data.text_key):
+                if corpus.split_of(text) == split:
+                    yield domain, text
+    elif source == "tfds":
+        yield from iter_tfds(cfg, split)
+    else:
+        raise DataError(f"data.source={source!r} has no text documents")
+
+
+def text_fingerprint(cfg) -> str:
+    """Names the documents a text source yields; changes when they may change."""
+    d = cfg.data
+    if d.source == "builtin":
+        return f"builtin-{corpus.VERSION}-{corpus.python_tag()}"
+    if d.source == "jsonl":
+        stats = [(p, os.path.getsize(p), os.stat(p).st_mtime_ns) for p in resolve_paths(d.path)]
+        return f"jsonl-{corpus.stable_hash(json.dumps([stats, d.text_key])):016x}"
+    return f"tfds-{corpus.stable_hash(json.dumps([d.path, d.text_key])):016x}"
+
+
+def check_data(cfg) -> str:
+    """Cheap up-front checks of `cfg.data` against the files; raises DataError, else returns
+    a one-line summary. Call it before compiling anything. (make_tokenizer checks the
+    tokenizer against model.vocab_size; call it up front too.)"""
+    d = cfg.data
+    if d.tokenizer == "none" and d.source != "npy":
+        raise DataError(f"data.tokenizer=none only works with pre-tokenized data.source=npy, "
+                        f"not {d.source}; set data.tokenizer to sentencepiece or hf")
+    if d.tokenizer == "none" and d.eos_id < 0:
+        raise DataError("data.tokenizer=none needs data.eos_id (50279 for OLMoE-Mix)")
+    if d.tokenizer == "hf":
+        tok_file = os.path.join(d.tokenizer_path, "tokenizer.json") if os.path.isdir(d.tokenizer_path) \
+            else d.tokenizer_path
+        if not os.path.isfile(tok_file):
+            raise DataError(f"data.tokenizer_path={d.tokenizer_path!r}: no tokenizer.json there")
+    if d.tokenizer == "sentencepiece" and d.tokenizer_path and not os.path.isfile(d.tokenizer_path):
+        raise DataError(f"data.tokenizer_path={d.tokenizer_path!r} is not a file")
+    if d.source == "builtin":
+        return f"builtin corpus {corpus.VERSION} ({corpus.python_tag()}) in {corpus.default_data_dir(d.data_dir)}"
+    if d.source == "npy":
+        files = resolve_paths(d.path)
+        tokens = 0
+        for path in files:
+            span = open_token_file(path, d.npy_dtype)
+            _check_token_ids(path, span, cfg.model.vocab_size)
+            tokens += len(span)
+        return f"npy: {len(files)} files, {tokens} tokens"
+    if d.source == "jsonl":
+        files = resolve_paths(d.path)
+        docs = sum(1 for path in files for _ in iter_jsonl(path, d.text_key))
+        if not docs:
+            raise DataError(f"data.path={d.path!r}: the jsonl files hold no documents")
+        return f"jsonl: {len(files)} files, {docs} documents"
+    if d.source == "tfds":
+        builder = tfds_builder(cfg)
+        return f"tfds: {builder.name}, splits {sorted(builder.info.splits.keys()) or 'not prepared yet'}"
+    raise DataError(f"data.source={d.source!r} is not one of builtin, npy, jsonl, tfds")
