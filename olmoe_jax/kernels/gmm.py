@@ -1,0 +1,168 @@
+"""Grouped matmul over tile-padded expert groups, one function for every backend.
+
+`gmm(lhs_GK, rhs_EKN, padded_sizes_E, tm=..., backend=...)` computes, for each expert e,
+its rows of lhs times rhs[e]. The rows come from `permute` in the expert-sorted layout:
+expert e owns the contiguous rows [offset_e, offset_e + padded_sizes_E[e]), every padded size
+is a multiple of `tm`, and rows past sum(padded_sizes_E) (the static slack of the layout)
+give zero output and zero gradient. So each tm-row tile belongs to exactly one expert,
+which is what the `xla` and `pallas` backends exploit.
+
+Backends:
+  xla        a scan over tiles, each a [tm, K] @ [K, N] matmul with its expert's weight.
+             The CPU default: measured (benchmarks/gmm_cpu.py) within ~1.3x of one dense matmul
+             of the same FLOPs, forward and backward, where `jax.lax.ragged_dot` on XLA:CPU
+             computes every group for every row (tens of times slower).
+  pallas     the project's kernels (gmm_pallas.py), Mosaic-TPU block rules, interpret on CPU.
+  megablox   jax's megablox gmm/tgmm (TPU kernels; interpret mode elsewhere).
+  ragged_dot jax.lax.ragged_dot; XLA:GPU lowers it to a grouped GEMM, so the GPU default.
+  tokamax    tokamax.ragged_dot if the optional package is installed (not a dependency).
+`auto`: cpu -> xla, tpu -> megablox (maintained, tuned; `pallas` is the fallback to compare
+against), gpu -> ragged_dot.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from olmoe_jax.kernels import gmm_pallas
+
+BACKENDS = ("auto", "xla", "pallas", "megablox", "ragged_dot", "tokamax")
+
+
+def default_backend(platform: str | None = None) -> str:
+    platform = platform or jax.default_backend()
+    return {"cpu": "xla", "tpu": "megablox", "gpu": "ragged_dot"}.get(platform, "xla")
+
+
+def tile_owners(padded_sizes_E, num_tiles: int, tm: int):
+    """(tile_expert [num_tiles] int32, tile_valid [num_tiles] int32) for tile-padded groups.
+
+    Tail tiles (past every group) get the last expert and valid=0: keeping the expert ids
+    non-decreasing lets the Pallas tgmm detect each expert's first tile by a change of id.
+    """
+    E = padded_sizes_E.shape[0]
+    ends_E = jnp.cumsum(padded_sizes_E // tm)
+    tiles = jnp.arange(num_tiles, dtype=jnp.int32)
+    tile_expert = jnp.searchsorted(ends_E, tiles, side="right").astype(jnp.int32)
+    tile_valid = (tiles < ends_E[-1]).astype(jnp.int32)
+    return jnp.minimum(tile_expert, E - 1), tile_valid
+
+
+# ----------------------------------------------------------------------------- xla backend
+
+def _xla_gmm(lhs_GK, rhs_EKN, tile_expert, tile_valid, *, tm):
+    G, K = lhs_GK.shape
+    N = rhs_EKN.shape[2]
+
+    def tile(_, a):
+        x_tK, e, valid = a
+        y_tN = jnp.dot(x_tK, rhs_EKN[e], preferred_element_type=jnp.float32)
+        return None, jnp.where(valid != 0, y_tN, 0.0).astype(lhs_GK.dtype)
+
+    _, out = jax.lax.scan(tile, None, (lhs_GK.reshape(G // tm, tm, K), tile_expert, tile_valid))
+    return out.reshape(G, N)
+
+
+def _xla_tgmm(lhs_GK, dout_GN, tile_expert, tile_valid, num_experts, *, tm):
+    G, K = lhs_GK.shape
+    N = dout_GN.shape[1]
+
+    def tile(acc_EKN, a):
+        x_tK, d_tN, e, valid = a
+        part_KN = jax.lax.dot_general(x_tK, d_tN, (((0,), (0,)), ((), ())),
+                                      preferred_element_type=jnp.float32)
+        return acc_EKN.at[e].add(jnp.where(valid != 0, part_KN, 0.0)), None
+
+    acc, _ = jax.lax.scan(
+        tile, jnp.zeros((num_experts, K, N), jnp.float32),
+        (lhs_GK.reshape(G // tm, tm, K), dout_GN.reshape(G // tm, tm, N), tile_expert, tile_valid))
+    return acc
+
+
+# ------------------------------------------------- tiled backends share one custom_vjp
+
+def _tiled_ops(impl: str, interpret: bool):
+    if impl == "xla":
+        return _xla_gmm, _xla_tgmm
+    return (functools.partial(gmm_pallas.gmm, interpret=interpret),
+            functools.partial(gmm_pallas.tgmm, interpret=interpret))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _tiled_gmm(lhs_GK, rhs_EKN, padded_sizes_E, tm, impl, interpret):
+    out, _ = _tiled_gmm_fwd(lhs_GK, rhs_EKN, padded_sizes_E, tm, impl, interpret)
+    return out
+
+
+def _tiled_gmm_fwd(lhs_GK, rhs_EKN, padded_sizes_E, tm, impl, interpret):
+    fwd, _ = _tiled_ops(impl, interpret)
+    te, tv = tile_owners(padded_sizes_E, lhs_GK.shape[0] // tm, tm)
+    return fwd(lhs_GK, rhs_EKN, te, tv, tm=tm), (lhs_GK, rhs_EKN, padded_sizes_E, te, tv)
+
+
+def _tiled_gmm_bwd(tm, impl, interpret, res, dout_GN):
+    lhs_GK, rhs_EKN, padded_sizes_E, te, tv = res
+    fwd, tfwd = _tiled_ops(impl, interpret)
+    dlhs_GK = fwd(dout_GN.astype(lhs_GK.dtype), jnp.swapaxes(rhs_EKN, 1, 2), te, tv, tm=tm)
+    drhs_EKN = tfwd(lhs_GK, dout_GN.astype(lhs_GK.dtype), te, tv, rhs_EKN.shape[0], tm=tm)
+    # Experts without a tile are never visited by the Pallas tgmm; their gradient is zero.
+    drhs_EKN = jnp.where((padded_sizes_E > 0)[:, None, None], drhs_EKN, 0.0)
+    return dlhs_GK, drhs_EKN.astype(rhs_EKN.dtype), None
+
+
+_tiled_gmm.defvjp(_tiled_gmm_fwd, _tiled_gmm_bwd)
+
+
+# ----------------------------------------------------------------------------- front end
+
+def gmm(lhs_GK, rhs_EKN, padded_sizes_E, *, tm: int, backend: str = "auto",
+        platform: str | None = None):
+    """[G, N] = per-expert lhs rows @ rhs[e]; differentiable in lhs and rhs.
+
+    lhs_GK: [G, K], G a multiple of tm, in the layout `permute` writes.
+    rhs_EKN: [E, K, N], same dtype as lhs; the output has lhs's dtype (f32 accumulation).
+    padded_sizes_E: [E] int32, each a multiple of tm, summing to at most G.
+    platform: picks `auto` and whether Pallas kernels are interpreted (default: jax's backend).
+    """
+    G, K = lhs_GK.shape
+    if G % tm:
+        raise ValueError(f"gmm: lhs rows {G} are not a multiple of the tile size tm={tm}")
+    if rhs_EKN.ndim != 3 or rhs_EKN.shape[1] != K:
+        raise ValueError(f"gmm: rhs must be [E, K={K}, N], got {rhs_EKN.shape}")
+    platform = platform or jax.default_backend()
+    if backend == "auto":
+        backend = default_backend(platform)
+    padded_sizes_E = padded_sizes_E.astype(jnp.int32)
+    if backend in ("xla", "pallas"):
+        return _tiled_gmm(lhs_GK, rhs_EKN, padded_sizes_E, tm, backend, platform != "tpu")
+    if backend == "megablox":
+        return _megablox(lhs_GK, rhs_EKN, padded_sizes_E, tm, interpret=platform != "tpu")
+    if backend == "ragged_dot":
+        out = jax.lax.ragged_dot(lhs_GK, rhs_EKN, padded_sizes_E,
+                                 preferred_element_type=jnp.float32)
+        return out.astype(lhs_GK.dtype)
+    if backend == "tokamax":
+        try:
+            import tokamax  # optional: not a dependency of this project
+        except ImportError as e:
+            raise ImportError("model.moe_backend=tokamax needs `pip install tokamax`; "
+                              "or pick xla / pallas / megablox / ragged_dot") from e
+        out = tokamax.ragged_dot(lhs_GK, rhs_EKN, padded_sizes_E,
+                                 preferred_element_type=jnp.float32)
+        return out.astype(lhs_GK.dtype)
+    raise ValueError(f"gmm: unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+
+
+def _megablox(lhs_GK, rhs_EKN, padded_sizes_E, tm, *, interpret):
+    from jax.experimental.pallas.ops.tpu.megablox import gmm as megablox_gmm
+
+    # megablox leaves the rows past its last group unwritten (NaN in interpret mode), in the
+    # forward and in its backward's dlhs; selecting zeros on both sides keeps the contract.
+    rows_G = jnp.arange(lhs_GK.shape[0])
+    live_G1 = (rows_G < jnp.sum(padded_sizes_E))[:, None]
+    lhs_GK = jnp.where(live_G1, lhs_GK, 0)
+    out = megablox_gmm(lhs_GK, rhs_EKN, padded_sizes_E, lhs_GK.dtype, (tm, 128, 128),
+                       None, None, False, interpret)
+    return jnp.where(live_G1, out, 0)

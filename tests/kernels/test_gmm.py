@@ -1,0 +1,120 @@
+"""Every grouped-matmul backend against a float64 loop over experts, forward and gradients.
+
+Tolerances. f32: the kernels accumulate in f32, so the error is a few ulps of a K-term sum:
+atol = rtol = 1e-5 (the values are O(sqrt K) ~ 10). bf16: the reference is computed in
+float64 from the same bf16-rounded inputs, and every backend accumulates in f32 and rounds
+once to bf16, whose half-ulp is 2^-9 of the value: rtol = 2^-8 leaves a factor 2 for the f32
+sum, and atol = 1e-2 covers values that cancel to near zero (about 2^-8 of the O(10) terms).
+"""
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from olmoe_jax.kernels.gmm import default_backend, gmm, tile_owners
+
+TOL = {jnp.float32: dict(rtol=1e-5, atol=1e-5), jnp.bfloat16: dict(rtol=2.0 ** -8, atol=1e-2)}
+
+
+def make_case(rng, sizes_E, K, N, tm, dtype, slack_tiles=1):
+    """Tile-padded lhs with random rows everywhere (padding rows inside a group are ordinary
+    group members; rows in the slack tiles must be ignored), rhs, and a cotangent."""
+    sizes_E = np.asarray(sizes_E)
+    padded_E = (sizes_E + tm - 1) // tm * tm
+    G = int(padded_E.sum()) + slack_tiles * tm
+    cast = lambda a: np.asarray(jnp.asarray(a, dtype).astype(jnp.float32), np.float64)
+    lhs = cast(rng.standard_normal((G, K)))
+    rhs = cast(rng.standard_normal((len(sizes_E), K, N)))
+    dout = cast(rng.standard_normal((G, N)))
+    return lhs, rhs, dout, padded_E.astype(np.int32)
+
+
+def loop_reference(lhs, rhs, dout, padded_E):
+    """(out, dlhs, drhs) in float64 by an explicit loop over experts."""
+    G, N = lhs.shape[0], rhs.shape[2]
+    out, dlhs, drhs = np.zeros((G, N)), np.zeros_like(lhs), np.zeros_like(rhs)
+    start = 0
+    for e, size in enumerate(padded_E):
+        rows = slice(start, start + size)
+        out[rows] = lhs[rows] @ rhs[e]
+        dlhs[rows] = dout[rows] @ rhs[e].T
+        drhs[e] = lhs[rows].T @ dout[rows]
+        start += size
+    return out, dlhs, drhs
+
+
+def run(backend, lhs, rhs, dout, padded_E, tm, dtype):
+    f = lambda a, b: gmm(a, b, jnp.asarray(padded_E), tm=tm, backend=backend)
+    out, vjp = jax.vjp(f, jnp.asarray(lhs, dtype), jnp.asarray(rhs, dtype))
+    dlhs, drhs = vjp(jnp.asarray(dout, dtype))
+    assert out.dtype == dtype and dlhs.dtype == dtype and drhs.dtype == dtype
+    return [np.asarray(jnp.asarray(a, jnp.float32), np.float64) for a in (out, dlhs, drhs)]
+
+
+CASES = {
+    # name: (group sizes before padding, K, N, tm)
+    "ragged_with_empty": ([5, 0, 17, 1], 64, 96, 8),
+    "one_expert_takes_all": ([0, 0, 29, 0, 0], 32, 16, 8),
+    "tile_multiples": ([8, 16, 0, 8], 128, 128, 8),
+}
+
+
+@pytest.mark.parametrize("backend", ["xla", "pallas", "ragged_dot"])
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_backend_matches_loop(backend, case, dtype):
+    sizes, K, N, tm = CASES[case]
+    rng = np.random.default_rng(zlib.crc32(f"{backend}/{case}".encode()))
+    lhs, rhs, dout, padded = make_case(rng, sizes, K, N, tm, dtype)
+    got = run(backend, lhs, rhs, dout, padded, tm, dtype)
+    for name, g, r in zip(("out", "dlhs", "drhs"), got, loop_reference(lhs, rhs, dout, padded)):
+        np.testing.assert_allclose(g, r, err_msg=f"{backend} {case} {name}", **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_megablox_matches_loop(dtype):
+    # Interpret mode of jax's TPU kernel is slow on CPU: one ragged case with an empty group.
+    sizes, K, N, tm = CASES["ragged_with_empty"]
+    rng = np.random.default_rng(7)
+    lhs, rhs, dout, padded = make_case(rng, sizes, K, N, tm, dtype)
+    got = run("megablox", lhs, rhs, dout, padded, tm, dtype)
+    for name, g, r in zip(("out", "dlhs", "drhs"), got, loop_reference(lhs, rhs, dout, padded)):
+        np.testing.assert_allclose(g, r, err_msg=f"megablox {name}", **TOL[dtype])
+
+
+def test_random_group_sizes_all_backends_agree_under_jit():
+    rng = np.random.default_rng(3)
+    E, tm = 6, 8
+    sizes = rng.multinomial(40, rng.dirichlet(np.full(E, 0.3)))  # skewed, often empty groups
+    lhs, rhs, dout, padded = make_case(rng, sizes, 32, 48, tm, jnp.float32, slack_tiles=2)
+    ref = loop_reference(lhs, rhs, dout, padded)
+    for backend in ("xla", "pallas", "ragged_dot"):
+        loss = jax.jit(lambda a, b, ps, be=backend: jnp.sum(
+            gmm(a, b, ps, tm=tm, backend=be) * jnp.asarray(dout, jnp.float32)))
+        grads = jax.grad(loss, argnums=(0, 1))(jnp.asarray(lhs, jnp.float32),
+                                               jnp.asarray(rhs, jnp.float32), jnp.asarray(padded))
+        np.testing.assert_allclose(grads[0], ref[1], err_msg=backend, **TOL[jnp.float32])
+        np.testing.assert_allclose(grads[1], ref[2], err_msg=backend, **TOL[jnp.float32])
+
+
+def test_tile_owners():
+    tm = 4
+    te, tv = tile_owners(jnp.asarray([8, 0, 4, 0], jnp.int32), 5, tm)
+    np.testing.assert_array_equal(te, [0, 0, 2, 3, 3])  # tail tiles: the last expert id
+    np.testing.assert_array_equal(tv, [1, 1, 1, 0, 0])
+
+
+def test_auto_backend_per_platform():
+    assert default_backend("cpu") == "xla"
+    assert default_backend("tpu") == "megablox"
+    assert default_backend("gpu") == "ragged_dot"
+
+
+def test_errors_name_the_problem():
+    lhs = jnp.zeros((12, 4))
+    with pytest.raises(ValueError, match="multiple of the tile size"):
+        gmm(lhs, jnp.zeros((2, 4, 3)), jnp.asarray([8, 0]), tm=8)
+    with pytest.raises(ValueError, match="unknown backend"):
+        gmm(jnp.zeros((8, 4)), jnp.zeros((2, 4, 3)), jnp.asarray([8, 0]), tm=8, backend="cuda")
