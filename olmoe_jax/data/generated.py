@@ -89,8 +89,9 @@ def _word_problem(rng: random.Random) -> str:
     ]
     if rng.random() < 0.5:
         bought, cents = bags * per_bag, round(price * 100)
+        total = bought * cents
         lines.append(f"Each {item} costs {price:.2f}, so the {bought} new ones cost "
-                     f"{bought} * {price:.2f} = {bought * cents // 100}.{bought * cents % 100:02d}.")
+                     f"{bought} * {price:.2f} = {total // 100}.{total % 100:02d}.")
     return "\n".join(lines)
 
 
@@ -155,9 +156,11 @@ def _log_lines(rng: random.Random) -> str:
         seconds += rng.randint(0, 90)
         h, m, s = seconds // 3600 % 24, seconds // 60 % 60, seconds % 60
         level, service = rng.choice(_LEVELS), rng.choice(_SERVICES)
-        msg = (f"request {rng.randint(1, 10**6)} completed in {rng.randint(2, 2000)} ms"
-               if level in ("INFO", "DEBUG") else
-               f"retry {rng.randint(1, 5)}/5 after timeout of {rng.choice((100, 250, 500, 1000))} ms")
+        if level in ("INFO", "DEBUG"):
+            msg = f"request {rng.randint(1, 10**6)} completed in {rng.randint(2, 2000)} ms"
+        else:
+            timeout = rng.choice((100, 250, 500, 1000))
+            msg = f"retry {rng.randint(1, 5)}/5 after timeout of {timeout} ms"
         lines.append(f"{day} {h:02d}:{m:02d}:{s:02d} {level} {service}-{rng.randint(1, 9)} {msg}")
     return "\n".join(lines)
 

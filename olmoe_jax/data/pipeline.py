@@ -36,7 +36,8 @@ class PackedRows:
     how many tokens of row i are data.
     """
 
-    def __init__(self, spans: Sequence[Span], row_len: int, *, pad_tail: bool = False, pad_id: int = 0):
+    def __init__(self, spans: Sequence[Span], row_len: int, *, pad_tail: bool = False,
+                 pad_id: int = 0):
         self._spans = [s for s in spans if len(s)]
         self._starts = np.cumsum([0] + [len(s) for s in self._spans])
         self.total = int(self._starts[-1])
@@ -59,12 +60,13 @@ class PackedRows:
         if self._arrays is None:
             self._arrays = [s.read() for s in self._spans]
         out = np.full((self.row_len,), self.pad_id, np.int32)
-        pos, end = i * self.row_len, min((i + 1) * self.row_len, self.total)
+        begin = i * self.row_len
+        pos, end = begin, min(begin + self.row_len, self.total)
         k = int(np.searchsorted(self._starts, pos, side="right")) - 1
         while pos < end:  # a row may cross from one span (file, domain) into the next
             take = min(end, int(self._starts[k + 1])) - pos
             local = pos - int(self._starts[k])
-            out[pos - i * self.row_len: pos - i * self.row_len + take] = self._arrays[k][local:local + take]
+            out[pos - begin:pos - begin + take] = self._arrays[k][local:local + take]
             pos, k = pos + take, k + 1
         return out
 
@@ -92,13 +94,14 @@ def local_batch_size(cfg, process_index: int, process_count: int) -> int:
 
 
 def train_rows(cfg, tokenizer: Tokenizer) -> PackedRows:
-    """The packed training rows of seq_len + 1 tokens, all domains (in sorted order) in one stream."""
+    """The training rows of seq_len + 1 tokens; all domains, in sorted order, in one stream."""
     train = token_streams(cfg, tokenizer)["train"]
     rows = PackedRows([s for d in sorted(train) for s in train[d]], cfg.data.seq_len + 1)
     if len(rows) < cfg.data.batch_size:
         raise DataError(
             f"the training data holds {rows.total} tokens, {len(rows)} rows of data.seq_len+1="
-            f"{cfg.data.seq_len + 1}, fewer than one batch (data.batch_size={cfg.data.batch_size}); "
+            f"{cfg.data.seq_len + 1}, fewer than one batch "
+            f"(data.batch_size={cfg.data.batch_size}); "
             "lower data.seq_len or data.batch_size, or add data")
     return rows
 

@@ -37,7 +37,8 @@ def resolve_paths(pattern: str, key: str = "data.path") -> list[str]:
         raise DataError(f"{key} is empty; give a file, a glob, or comma-separated globs")
     files: set[str] = set()
     for part in (p.strip() for p in pattern.split(",")):
-        matches = [m for m in glob.glob(os.path.expanduser(part), recursive=True) if os.path.isfile(m)]
+        matches = [m for m in glob.glob(os.path.expanduser(part), recursive=True)
+                   if os.path.isfile(m)]
         if not matches:
             what = "does not exist" if not glob.has_magic(part) else "matches no file"
             raise DataError(f"{key}: {part!r} {what}; fix {key}")
@@ -67,10 +68,12 @@ class Span:
         """The tokens, [stop - start], memory-mapped (nothing is read until indexed)."""
         if self.stop == self.start:
             return np.zeros((0,), self.dtype)
-        return np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.header)[self.start:self.stop]
+        whole = np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.header)
+        return whole[self.start:self.stop]
 
     def split_at(self, i: int) -> tuple["Span", "Span"]:
-        return (dataclasses.replace(self, stop=self.start + i), dataclasses.replace(self, start=self.start + i))
+        cut = self.start + i
+        return dataclasses.replace(self, stop=cut), dataclasses.replace(self, start=cut)
 
 
 def open_token_file(path: str, dtype: str) -> Span:
@@ -83,7 +86,8 @@ def open_token_file(path: str, dtype: str) -> Span:
         try:
             arr = np.load(path, mmap_mode="r")
         except ValueError as e:
-            raise DataError(f"{path}: has a .npy header but cannot be read ({e}); rewrite it") from e
+            raise DataError(f"{path}: has a .npy header but cannot be read ({e}); "
+                            "rewrite it") from e
         if arr.ndim != 1 or arr.dtype.kind not in "ui":
             raise DataError(f"{path}: a .npy token file must be 1-D integers, got shape "
                             f"{arr.shape} dtype {arr.dtype}")
@@ -122,7 +126,8 @@ def _check_token_ids(path: str, span: Span, vocab_size: int) -> None:
 
 # ----------------------------------------------------------------------------- jsonl
 
-def iter_jsonl(path: str, text_key: str, default_domain: str = "jsonl") -> Iterator[tuple[str, str]]:
+def iter_jsonl(path: str, text_key: str,
+               default_domain: str = "jsonl") -> Iterator[tuple[str, str]]:
     """(domain, text) per non-blank line; DataError naming the file and line on bad input."""
     with open(path, encoding="utf-8", errors="strict") as f:
         try:
@@ -135,7 +140,8 @@ def iter_jsonl(path: str, text_key: str, default_domain: str = "jsonl") -> Itera
                     raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}, column {e.colno}); "
                                     "each line must be one JSON object") from None
                 if not isinstance(obj, dict):
-                    raise DataError(f"{path}:{lineno}: a JSON {type(obj).__name__}, expected an object")
+                    raise DataError(f"{path}:{lineno}: a JSON {type(obj).__name__}, "
+                                    "expected an object")
                 if text_key not in obj:
                     fields = ", ".join(sorted(obj)[:10]) or "none"
                     raise DataError(f"{path}:{lineno}: no field {text_key!r} (fields: {fields}); "
@@ -182,7 +188,8 @@ def iter_tfds(cfg, split: str) -> Iterator[tuple[str, str]]:
             raise DataError(f"TFDS dataset {cfg.data.path!r} is not prepared under "
                             f"{builder.data_dir} and preparing it failed ({e})") from e
     train_split, val_split = _tfds_splits(builder)
-    source = builder.as_data_source(split=val_split if split == "validation" and val_split else train_split)
+    use_val = split == "validation" and val_split is not None
+    source = builder.as_data_source(split=val_split if use_val else train_split)
     name = builder.name
     for start in range(0, len(source), 1024):
         for ex in source.__getitems__(range(start, min(start + 1024, len(source)))):
@@ -218,9 +225,14 @@ def text_fingerprint(cfg) -> str:
     if d.source == "builtin":
         return f"builtin-{corpus.VERSION}-{corpus.python_tag()}"
     if d.source == "jsonl":
-        stats = [(p, os.path.getsize(p), os.stat(p).st_mtime_ns) for p in resolve_paths(d.path)]
-        return f"jsonl-{corpus.stable_hash(json.dumps([stats, d.text_key])):016x}"
+        return f"jsonl-{files_fingerprint(d.path, d.text_key)}"
     return f"tfds-{corpus.stable_hash(json.dumps([d.path, d.text_key])):016x}"
+
+
+def files_fingerprint(pattern: str, *extra) -> str:
+    """Changes when a matched file is added, removed, resized or rewritten (size, mtime)."""
+    stats = [(p, os.path.getsize(p), os.stat(p).st_mtime_ns) for p in resolve_paths(pattern)]
+    return f"{corpus.stable_hash(json.dumps([stats, *extra])):016x}"
 
 
 def check_data(cfg) -> str:
@@ -234,14 +246,16 @@ def check_data(cfg) -> str:
     if d.tokenizer == "none" and d.eos_id < 0:
         raise DataError("data.tokenizer=none needs data.eos_id (50279 for OLMoE-Mix)")
     if d.tokenizer == "hf":
-        tok_file = os.path.join(d.tokenizer_path, "tokenizer.json") if os.path.isdir(d.tokenizer_path) \
-            else d.tokenizer_path
+        tok_file = d.tokenizer_path
+        if os.path.isdir(tok_file):
+            tok_file = os.path.join(tok_file, "tokenizer.json")
         if not os.path.isfile(tok_file):
             raise DataError(f"data.tokenizer_path={d.tokenizer_path!r}: no tokenizer.json there")
     if d.tokenizer == "sentencepiece" and d.tokenizer_path and not os.path.isfile(d.tokenizer_path):
         raise DataError(f"data.tokenizer_path={d.tokenizer_path!r} is not a file")
     if d.source == "builtin":
-        return f"builtin corpus {corpus.VERSION} ({corpus.python_tag()}) in {corpus.default_data_dir(d.data_dir)}"
+        where = corpus.default_data_dir(d.data_dir)
+        return f"builtin corpus {corpus.VERSION} ({corpus.python_tag()}) in {where}"
     if d.source == "npy":
         files = resolve_paths(d.path)
         tokens = 0
@@ -258,5 +272,6 @@ def check_data(cfg) -> str:
         return f"jsonl: {len(files)} files, {docs} documents"
     if d.source == "tfds":
         builder = tfds_builder(cfg)
-        return f"tfds: {builder.name}, splits {sorted(builder.info.splits.keys()) or 'not prepared yet'}"
+        splits = sorted(builder.info.splits.keys()) or "not prepared yet"
+        return f"tfds: {builder.name}, splits {splits}"
     raise DataError(f"data.source={d.source!r} is not one of builtin, npy, jsonl, tfds")

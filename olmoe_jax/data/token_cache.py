@@ -25,11 +25,11 @@ _ENCODE_BATCH = 512  # documents per encode call: large enough for the tokenizer
 def cache_dir(cfg, tokenizer: Tokenizer) -> str:
     """The folder for this data + tokenizer pair (token arrays, unigram entropies)."""
     if cfg.data.source == "npy":
-        stats = [(p, os.path.getsize(p), os.stat(p).st_mtime_ns) for p in sources.resolve_paths(cfg.data.path)]
-        name = f"npy-{corpus.stable_hash(json.dumps([stats, cfg.data.npy_dtype])):016x}"
+        name = f"npy-{sources.files_fingerprint(cfg.data.path, cfg.data.npy_dtype)}"
     else:
         name = sources.text_fingerprint(cfg)
-    return os.path.join(corpus.default_data_dir(cfg.data.data_dir), "tokens", f"{name}-{tokenizer.fingerprint}")
+    root = corpus.default_data_dir(cfg.data.data_dir)
+    return os.path.join(root, "tokens", f"{name}-{tokenizer.fingerprint}")
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -62,7 +62,8 @@ def _build(cfg, tokenizer: Tokenizer, folder: str) -> None:
             tokens = encode_documents(by_domain[domain], tokenizer)
             file = f"{split}-{i}.npy"  # domain names come from data files: keep them out of paths
             np.save(os.path.join(tmp, file), tokens)
-            index[split][domain] = {"file": file, "docs": len(by_domain[domain]), "tokens": int(tokens.size)}
+            index[split][domain] = {"file": file, "docs": len(by_domain[domain]),
+                                    "tokens": int(tokens.size)}
     if not index["train"]:
         raise DataError(f"data.source={cfg.data.source} data.path={cfg.data.path!r}: "
                         "no training documents")

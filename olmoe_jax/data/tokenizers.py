@@ -137,7 +137,8 @@ class HFTokenizer(Tokenizer):
         try:
             self._tok = tokenizers.Tokenizer.from_file(file)
         except Exception as e:  # the tokenizers package raises bare Exception on bad files
-            raise DataError(f"data.tokenizer_path: cannot read {file} as a tokenizer.json ({e})") from e
+            raise DataError(f"data.tokenizer_path: cannot read {file} as a tokenizer.json "
+                            f"({e})") from e
         with open(file, "rb") as f:
             self._digest = _digest(f.read())
         vocab = self._tok.get_vocab(with_added_tokens=True)
@@ -237,12 +238,13 @@ def make_tokenizer(cfg) -> Tokenizer:
             tok = builtin_sentencepiece(vocab, d.data_dir)
     elif d.tokenizer == "hf":
         if not d.tokenizer_path:
-            raise DataError("data.tokenizer=hf needs data.tokenizer_path (a folder or tokenizer.json)")
+            raise DataError("data.tokenizer=hf needs data.tokenizer_path "
+                            "(a folder or tokenizer.json)")
         tok = HFTokenizer(d.tokenizer_path)
     elif d.tokenizer == "none":
         if d.eos_id < 0:
-            raise DataError("data.tokenizer=none needs data.eos_id, the EOS id the data was written "
-                            "with (50279 for OLMoE-Mix)")
+            raise DataError("data.tokenizer=none needs data.eos_id, the EOS id the data was "
+                            "written with (50279 for OLMoE-Mix)")
         tok = PreTokenized(vocab, d.eos_id)
     else:
         raise DataError(f"data.tokenizer={d.tokenizer!r} is not one of sentencepiece, hf, none")

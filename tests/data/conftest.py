@@ -36,9 +36,10 @@ def spm_tokenizer(builtin_cfg):
 @pytest.fixture(scope="session")
 def hf_tokenizer_path():
     import pathlib
-    path = pathlib.Path(__file__).resolve().parents[3] / "shared/reference/tokenizer/gpt-neox-olmo-dolma-v1_5.json"
+    shared = pathlib.Path(__file__).resolve().parents[3] / "shared"  # beside the repository
+    path = shared / "reference/tokenizer/gpt-neox-olmo-dolma-v1_5.json"
     if not path.exists():
-        pytest.skip(f"the OLMoE reference tokenizer is not at {path} (the shared/ folder beside the repo)")
+        pytest.skip(f"the OLMoE reference tokenizer is not at {path} (../shared beside the repo)")
     return str(path)
 
 
@@ -55,7 +56,7 @@ def write_jsonl(path, docs, domains=None):
 def generated_docs(n, seed=0):
     """n short documents of varied length (1 to 40 words), distinct from each other."""
     rng = np.random.default_rng(seed)
-    words = ["alpha", "beta", "gamma", "delta", "sum", "of", "the", "code", "42", "x", "=", "(", ")"]
+    words = ["alpha", "beta", "gamma", "delta", "sum", "of", "the", "code", "42", "x", "=", "("]
     return [f"doc {i}: " + " ".join(rng.choice(words, rng.integers(1, 40))) for i in range(n)]
 
 

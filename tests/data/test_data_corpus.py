@@ -5,8 +5,6 @@ import pathlib
 import subprocess
 import sys
 
-import pytest
-
 from olmoe_jax.data import corpus
 
 
@@ -21,26 +19,31 @@ def test_stdlib_files_sorted_and_outside_site_packages_and_tests():
     assert not [r for r in rels if r.split("/")[-1].startswith("_sysconfigdata")]
 
 
-@pytest.fixture(scope="module")
-def documents():
-    return list(corpus.all_documents())
-
-
-def test_prepared_data_is_the_generated_documents(builtin_cfg, documents):
-    assert len({d.key for d in documents}) == len(documents)  # keys are unique (TFDS needs it)
+def test_every_document_is_in_the_split_its_group_hashes_to(builtin_cfg):
+    keys, domains_of_group = [], collections.defaultdict(set)
+    splits_of_group = collections.defaultdict(set)
     for split in ("train", "validation"):
-        want = sorted((d.domain, d.text) for d in documents if corpus.split_of(d.group) == split)
-        assert sorted(corpus.read_split(builtin_cfg.data.data_dir, split)) == want
+        stored = corpus.read_split(builtin_cfg.data.data_dir, split, ("key", "group", "domain"))
+        for key, group, domain in stored:
+            assert corpus.split_of(group) == split
+            keys.append(key)
+            splits_of_group[group].add(split)
+            domains_of_group[group].add(domain)
+    assert len(set(keys)) == len(keys) > 4000  # unique keys (TFDS needs them)
+    # no stdlib file feeds both splits, and its code chunks and docstrings do share a group
+    assert all(len(s) == 1 for s in splits_of_group.values())
+    assert sum(1 for d in domains_of_group.values() if d == {"code", "prose"}) > 100
 
 
-def test_second_preparation_in_another_process_gives_the_same_documents_in_order(builtin_cfg, tmp_path):
+def test_second_preparation_in_another_process_gives_the_same_documents(builtin_cfg, tmp_path):
     # Another process with another string-hash seed: nothing may depend on hash() or set order.
     code = ("import sys; from olmoe_jax.data import corpus; corpus.corpus_builder(sys.argv[1])")
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, env=env,
                    capture_output=True, cwd=pathlib.Path(__file__).parents[2])
     for split in ("train", "validation"):
-        assert corpus.read_split(str(tmp_path), split) == corpus.read_split(builtin_cfg.data.data_dir, split)
+        again = corpus.read_split(str(tmp_path), split)
+        assert again == corpus.read_split(builtin_cfg.data.data_dir, split)  # order too
 
 
 def test_every_domain_in_both_splits_with_a_small_validation_share(builtin_cfg):
@@ -56,18 +59,6 @@ def test_every_domain_in_both_splits_with_a_small_validation_share(builtin_cfg):
         share = size["validation"][domain] / (size["train"][domain] + size["validation"][domain])
         assert 0.01 < share < 0.06, (domain, share)
         assert size["train"][domain] > 0.5e6, domain  # no domain is a token gesture
-
-
-def test_a_stdlib_file_never_feeds_both_splits(documents):
-    splits_of_group = collections.defaultdict(set)
-    for doc in documents:
-        splits_of_group[doc.group].add(corpus.split_of(doc.group))
-    assert all(len(s) == 1 for s in splits_of_group.values())
-    # and the split really is by group: a file's code chunks and docstrings share one
-    groups = collections.defaultdict(set)
-    for doc in documents:
-        groups[doc.group].add(doc.domain)
-    assert sum(1 for g in groups.values() if g == {"code", "prose"}) > 100
 
 
 def test_generated_domains_are_correct_arithmetic_and_consistent_records():

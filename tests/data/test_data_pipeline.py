@@ -28,7 +28,7 @@ def jsonl_cfg(tmp_path_factory, helpers, builtin_cfg):
     return cfg, docs
 
 
-def test_packing_keeps_every_token_once_in_order_with_eos_between_documents(jsonl_cfg, spm_tokenizer):
+def test_packing_keeps_every_token_once_in_order_with_eos_between_docs(jsonl_cfg, spm_tokenizer):
     cfg, docs = jsonl_cfg
     tok = spm_tokenizer
     cfg = cfg.copy_and_resolve_references()
@@ -51,7 +51,7 @@ def test_packing_keeps_every_token_once_in_order_with_eos_between_documents(json
     assert pos > 0.9 * len(packed)
 
 
-def test_shuffled_epoch_is_a_permutation_of_the_rows_and_next_epoch_reshuffles(jsonl_cfg, spm_tokenizer):
+def test_shuffled_epoch_is_a_permutation_and_epochs_differ(jsonl_cfg, spm_tokenizer):
     cfg, _ = jsonl_cfg
     rows = train_rows(cfg, spm_tokenizer)
     n = len(rows)
@@ -68,14 +68,15 @@ def test_shuffled_epoch_is_a_permutation_of_the_rows_and_next_epoch_reshuffles(j
 def test_batches_shift_targets_and_mask_nothing_in_training(builtin_cfg, spm_tokenizer):
     batch = next(make_train_iterator(builtin_cfg, spm_tokenizer))
     assert {k: (v.shape, v.dtype) for k, v in batch.items()} == {
-        "inputs": ((8, 64), np.int32), "targets": ((8, 64), np.int32), "loss_mask": ((8, 64), np.float32)}
+        "inputs": ((8, 64), np.int32), "targets": ((8, 64), np.int32),
+        "loss_mask": ((8, 64), np.float32)}
     np.testing.assert_array_equal(batch["targets"][:, :-1], batch["inputs"][:, 1:])
     assert batch["loss_mask"].min() == 1.0
     assert batch["inputs"].max() < builtin_cfg.model.vocab_size and batch["inputs"].min() >= 0
     assert (batch["inputs"] == spm_tokenizer.pad_id).sum() == 0
 
 
-def test_checkpoint_restore_continues_with_exactly_the_same_batches(jsonl_cfg, spm_tokenizer, tmp_path):
+def test_checkpoint_restore_continues_with_the_same_batches(jsonl_cfg, spm_tokenizer, tmp_path):
     cfg, _ = jsonl_cfg
     epoch_steps = len(train_rows(cfg, spm_tokenizer)) // 4
     it = make_train_iterator(cfg, spm_tokenizer)
@@ -83,14 +84,16 @@ def test_checkpoint_restore_continues_with_exactly_the_same_batches(jsonl_cfg, s
         next(it)
     mngr = ocp.CheckpointManager(tmp_path / "ckpt")
     mngr.save(1, args=ocp.args.Composite(
-        state=ocp.args.StandardSave({"step": np.array(1, np.int32)}), data=grain.checkpoint.CheckpointSave(it)))
+        state=ocp.args.StandardSave({"step": np.array(1, np.int32)}),
+        data=grain.checkpoint.CheckpointSave(it)))
     mngr.wait_until_finished()
     expected = [next(it) for _ in range(5)]  # crosses into the next, reshuffled epoch
 
     fresh = make_train_iterator(cfg, spm_tokenizer)
     first = next(fresh)
     restored = mngr.restore(1, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore({"step": np.array(0, np.int32)}), data=grain.checkpoint.CheckpointRestore(fresh)))
+        state=ocp.args.StandardRestore({"step": np.array(0, np.int32)}),
+        data=grain.checkpoint.CheckpointRestore(fresh)))
     assert int(restored["state"]["step"]) == 1
     got = [next(restored["data"]) for _ in range(5)]
     for e, g in zip(expected, got):
@@ -102,7 +105,8 @@ def test_checkpoint_restore_continues_with_exactly_the_same_batches(jsonl_cfg, s
 
 def test_two_processes_split_each_global_batch_disjointly(builtin_cfg, spm_tokenizer):
     one = make_train_iterator(builtin_cfg, spm_tokenizer)
-    two = [make_train_iterator(builtin_cfg, spm_tokenizer, process_index=p, process_count=2) for p in (0, 1)]
+    two = [make_train_iterator(builtin_cfg, spm_tokenizer, process_index=p, process_count=2)
+           for p in (0, 1)]
     for _ in range(6):
         whole = collections.Counter(r.tobytes() for r in _rows(next(one)))
         halves = [_rows(next(it)) for it in two]
@@ -143,8 +147,9 @@ def test_eval_batches_are_fixed_per_domain_and_mask_only_padding(builtin_cfg, sp
     for domain in evals:
         for j in range(2):
             whole = collections.Counter(r.tobytes() for r in _rows(evals[domain][j]))
-            parts = sum((collections.Counter(r.tobytes() for r in _rows(h[domain][j])) for h in halves),
-                        collections.Counter())
+            parts = collections.Counter()
+            for h in halves:
+                parts.update(r.tobytes() for r in _rows(h[domain][j]))
             assert parts == whole
 
 

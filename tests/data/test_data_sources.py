@@ -42,8 +42,9 @@ def test_npy_source_end_to_end_reads_every_file_in_order(tmp_path, helpers):
         toks[::37] = eos
         files.append(toks.astype(np.uint16))
         _write_raw(tmp_path / f"part-{i}.npy", files[-1], "uint16")
-    cfg = helpers.small_config(str(tmp_path / "cache"), source="npy", tokenizer="none", eos_id=eos,
-                               path=str(tmp_path / "part-*.npy"), shuffle=False, batch_size=2, seq_len=31)
+    cfg = helpers.small_config(str(tmp_path / "cache"), source="npy", tokenizer="none",
+                               eos_id=eos, path=str(tmp_path / "part-*.npy"), shuffle=False,
+                               batch_size=2, seq_len=31)
     cfg.model.vocab_size = 1000
     assert "3 files" in check_data(cfg)
     tok = PreTokenized(1000, eos)
@@ -81,7 +82,8 @@ def test_paths_accept_globs_and_comma_lists(tmp_path):
 
 def test_jsonl_source_keeps_domains_and_splits_by_text_hash(tmp_path, helpers):
     docs = helpers.generated_docs(400)
-    helpers.write_jsonl(tmp_path / "d.jsonl", docs, ["red" if i % 3 else "blue" for i in range(400)])
+    domains = ["red" if i % 3 else "blue" for i in range(400)]
+    helpers.write_jsonl(tmp_path / "d.jsonl", docs, domains)
     cfg = helpers.small_config(str(tmp_path), source="jsonl", path=str(tmp_path / "d.jsonl"))
     assert "400 documents" in check_data(cfg)
     train = list(text_documents(cfg, "train"))
@@ -97,7 +99,8 @@ def test_tfds_dataset_by_name(builtin_cfg):
     cfg = builtin_cfg.copy_and_resolve_references()
     cfg.data.source, cfg.data.path = "tfds", "olmoe_builtin_corpus"
     assert "olmoe_builtin_corpus" in check_data(cfg)
-    assert list(text_documents(cfg, "validation")) == corpus.read_split(cfg.data.data_dir, "validation")
+    want = corpus.read_split(cfg.data.data_dir, "validation")
+    assert list(text_documents(cfg, "validation")) == want
 
 
 def _error(cfg):

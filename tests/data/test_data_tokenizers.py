@@ -8,7 +8,8 @@ from olmoe_jax.data import DataError, corpus, make_tokenizer
 from olmoe_jax.data.tokenizers import HFTokenizer, PreTokenized
 
 OLMOE_TEXT = "Hello world! OLMoE is a Mixture-of-Experts model."
-OLMOE_IDS = [12092, 1533, 2, 42587, 15155, 38, 310, 247, 9823, 6638, 14, 1171, 14, 18139, 1641, 1566, 15]
+OLMOE_IDS = [12092, 1533, 2, 42587, 15155, 38, 310, 247, 9823, 6638, 14, 1171, 14, 18139, 1641,
+             1566, 15]
 
 
 def test_sentencepiece_round_trips_corpus_text_exactly(builtin_cfg, spm_tokenizer):
@@ -58,7 +59,8 @@ def test_hf_tokenizer_gives_the_olmoe_ids(hf_tokenizer_path, tmp_path, helpers):
 def test_hf_vocabulary_larger_than_the_model_is_refused(hf_tokenizer_path, tmp_path, helpers):
     cfg = helpers.small_config(str(tmp_path), tokenizer="hf", tokenizer_path=hf_tokenizer_path)
     cfg.model.vocab_size = 32000
-    with pytest.raises(DataError, match=r"50280 ids but model.vocab_size=32000.*raise model.vocab_size"):
+    with pytest.raises(DataError,
+                       match=r"50280 ids but model.vocab_size=32000.*raise model.vocab_size"):
         make_tokenizer(cfg)
 
 
@@ -72,7 +74,8 @@ def test_hf_eos_from_tokenizer_config_when_there_is_no_endoftext(hf_tokenizer_pa
     (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
     with pytest.raises(DataError, match="no EOS token.*set data.eos_id"):
         HFTokenizer(str(tmp_path))
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "<|stop|>"}}))
+    config = {"eos_token": {"content": "<|stop|>"}}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     assert HFTokenizer(str(tmp_path)).eos_id == 50279
 
 
