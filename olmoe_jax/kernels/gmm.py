@@ -58,8 +58,12 @@ def _xla_gmm(lhs_GK, rhs_EKN, tile_expert, tile_valid, *, tm):
 
     def tile(_, a):
         x_tK, e, valid = a
-        y_tN = jnp.dot(x_tK, rhs_EKN[e], preferred_element_type=jnp.float32)
-        return None, jnp.where(valid != 0, y_tN, 0.0).astype(lhs_GK.dtype)
+        # cond, not a mask: the layout's slack tiles (up to E*(tm-1) rows) cost no FLOPs.
+        y_tN = jax.lax.cond(
+            valid != 0,
+            lambda: jnp.dot(x_tK, rhs_EKN[e], preferred_element_type=jnp.float32),
+            lambda: jnp.zeros((tm, N), jnp.float32))
+        return None, y_tN.astype(lhs_GK.dtype)
 
     _, out = jax.lax.scan(tile, None, (lhs_GK.reshape(G // tm, tm, K), tile_expert, tile_valid))
     return out.reshape(G, N)
@@ -71,9 +75,13 @@ def _xla_tgmm(lhs_GK, dout_GN, tile_expert, tile_valid, num_experts, *, tm):
 
     def tile(acc_EKN, a):
         x_tK, d_tN, e, valid = a
-        part_KN = jax.lax.dot_general(x_tK, d_tN, (((0,), (0,)), ((), ())),
-                                      preferred_element_type=jnp.float32)
-        return acc_EKN.at[e].add(jnp.where(valid != 0, part_KN, 0.0)), None
+
+        def add(acc):
+            part_KN = jax.lax.dot_general(x_tK, d_tN, (((0,), (0,)), ((), ())),
+                                          preferred_element_type=jnp.float32)
+            return acc.at[e].add(part_KN)
+
+        return jax.lax.cond(valid != 0, add, lambda acc: acc, acc_EKN), None
 
     acc, _ = jax.lax.scan(
         tile, jnp.zeros((num_experts, K, N), jnp.float32),
