@@ -15,12 +15,13 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import numpy as np
 from safetensors import safe_open
 
+from olmoe_jax.config import apply_overrides, validate
 from olmoe_jax.interop import hf_keys
 from olmoe_jax.interop.hf_config import HFFormatError, from_hf_config
 from olmoe_jax.model import transformer
@@ -159,16 +160,16 @@ def _problems(reader: FolderReader, expected: dict, cfg) -> list[str]:
     return out
 
 
-def import_hf(folder: str, base_cfg) -> tuple[Any, dict]:
+def import_hf(folder: str, base_cfg, overrides: Sequence[str] = ()) -> tuple[Any, dict]:
     """(cfg, params as numpy arrays in cfg.model.param_dtype) from an HF folder.
 
     base_cfg supplies every non-model section (and model settings HF has no field for, such as
-    moe_impl or compute_dtype). Validates everything before reading any weight.
+    moe_impl or compute_dtype); `overrides` ("key=value") are applied last. Validates everything
+    before reading any weight.
     """
     hf = read_hf_config(folder)
     cfg = from_hf_config(hf, base_cfg, where=os.path.join(folder, "config.json"))
-    from olmoe_jax.config import validate  # pylint: disable=import-outside-toplevel
-    validate(cfg)
+    validate(apply_overrides(cfg, overrides))
     reader = FolderReader(folder)
     expected = _expected(cfg)
     problems = _problems(reader, expected, cfg)

@@ -85,3 +85,21 @@ def tokens():
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+TEXTS = ["the cat sat on the mat", "hello world, hello moe", "experts route tokens to experts",
+         "a tiny tokenizer for tiny models", "generation stops at the end of text"] * 4
+
+
+def write_tiny_tokenizer(folder, vocab_size: int = 90):
+    """A character-level BPE tokenizer.json (ids < vocab_size) with <|endoftext|> as EOS."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator(TEXTS, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[
+        "<pad>", "<unk>", "<|endoftext|>"]))
+    assert tok.get_vocab_size() <= vocab_size
+    os.makedirs(folder, exist_ok=True)
+    tok.save(os.path.join(folder, "tokenizer.json"))
+    return tok
