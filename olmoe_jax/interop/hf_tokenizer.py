@@ -3,11 +3,18 @@
 Export: an HF `tokenizer.json` source is copied (with its tokenizer_config.json and
 special_tokens_map.json when they sit beside it; otherwise a tokenizer_config.json naming EOS and
 pad is written), so AutoTokenizer loads exactly the tokenizer we trained with. A SentencePiece
-source is written as its `.model` file with a tokenizer_config.json for transformers'
-SentencePiece-backed `BertGenerationTokenizer`, which calls the sentencepiece library itself and
-adds no special tokens, so its ids are ours by construction (a `tokenizers` BPE rebuilt from a
-SentencePiece BPE would have to reproduce its merge priorities, byte fallback, digit splitting
-and user symbols, which is not exact in general).
+BPE source (ours: identity normalisation, no dummy prefix, byte fallback) is rebuilt as a
+`tokenizers` BPE in a tokenizer.json:
+- vocab: every piece at its id; merges: every split a+b of a normal piece p into two normal
+  pieces, ordered by p's score. SentencePiece BPE merges the adjacent pair whose result scores
+  highest, so ranking merges by that score makes HF's lowest-rank-first loop pick the same pairs;
+- normaliser " " -> U+2581; words as SentencePiece splits them (a new word at a U+2581 that does
+  not continue a run of them, with allow_whitespace_only_pieces); byte fallback for unknown
+  characters; user-defined pieces ("\n", "\t") as added tokens, matched before BPE as
+  SentencePiece does; decoder U+2581 -> " ", bytes fused.
+The test checks ids and decoded text against sentencepiece on thousands of held-out texts. One
+known difference, HF's convention: a control piece written literally in the text (e.g. the string
+"<|endoftext|>") becomes that special token in HF, while SentencePiece spells it out.
 
 Import: tokenizer files found in the HF folder are copied into `<workdir>/tokenizer/` and the
 config's data section points at them.
@@ -21,7 +28,6 @@ import shutil
 from olmoe_jax.data.tokenizers import SentencePieceTokenizer, Tokenizer
 
 HF_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-SPM_FILE = "spiece.model"  # BertGenerationTokenizer's vocab file name
 
 
 def _piece(tok: Tokenizer, token_id: int) -> str:
@@ -51,21 +57,53 @@ def write_tokenizer_files(cfg, tok: Tokenizer, folder: str) -> list[str]:
         inner = getattr(tok, "_inner", tok)  # data.eos_id may wrap it; the file is the same
         if not isinstance(inner, SentencePieceTokenizer):
             raise TypeError(f"expected a SentencePiece tokenizer for data.tokenizer=sentencepiece, got {tok!r}")
-        import sentencepiece as spm  # pylint: disable=import-outside-toplevel
         proto = inner._proto  # pylint: disable=protected-access  (the data layer exposes no accessor)
-        with open(os.path.join(folder, SPM_FILE), "wb") as f:
-            f.write(proto)
-        sp = spm.SentencePieceProcessor(model_proto=proto)
-        special = {"eos_token": _id_piece(sp, tok.eos_id), "pad_token": _id_piece(sp, tok.pad_id),
-                   "unk_token": _id_piece(sp, sp.unk_id()), "bos_token": None, "sep_token": None}
-        _dump(dict(base, tokenizer_class="BertGenerationTokenizer", **special),
-              os.path.join(folder, "tokenizer_config.json"))
-        return [SPM_FILE, "tokenizer_config.json"]
+        spm_to_hf(proto).save(os.path.join(folder, "tokenizer.json"))
+        _dump(dict(base, tokenizer_class="PreTrainedTokenizerFast", eos_token=_id_piece(proto, tok.eos_id),
+                   pad_token=_id_piece(proto, tok.pad_id)), os.path.join(folder, "tokenizer_config.json"))
+        return ["tokenizer.json", "tokenizer_config.json"]
     return []  # data.tokenizer=none: the data were token ids; there is no text side to export
 
 
-def _id_piece(sp, token_id: int):
-    return sp.id_to_piece(token_id) if token_id >= 0 else None
+def _model_proto(proto: bytes):
+    from sentencepiece import sentencepiece_model_pb2  # pylint: disable=import-outside-toplevel
+    m = sentencepiece_model_pb2.ModelProto()
+    m.ParseFromString(proto)
+    return m
+
+
+def _id_piece(proto: bytes, token_id: int):
+    return _model_proto(proto).pieces[token_id].piece if token_id >= 0 else None
+
+
+def spm_to_hf(proto: bytes):
+    """A `tokenizers.Tokenizer` computing the same ids as the SentencePiece BPE model `proto`."""
+    # pylint: disable=import-outside-toplevel
+    from sentencepiece.sentencepiece_model_pb2 import ModelProto
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    m, kind = _model_proto(proto), ModelProto.SentencePiece
+    norm = m.normalizer_spec
+    if m.trainer_spec.model_type != m.trainer_spec.BPE or norm.name != "identity" or norm.add_dummy_prefix \
+            or norm.remove_extra_whitespaces or not norm.escape_whitespaces or m.trainer_spec.treat_whitespace_as_suffix:
+        raise ValueError("only SentencePiece BPE models with identity normalisation, no dummy prefix and "
+                         "escaped whitespace (as olmoe_jax trains them) convert exactly to tokenizer.json")
+    vocab = {p.piece: i for i, p in enumerate(m.pieces)}
+    normal = {p.piece for p in m.pieces if p.type == kind.NORMAL}
+    merges = sorted((-p.score, vocab[p.piece], p.piece[:cut], p.piece[cut:])
+                    for p in m.pieces if p.type == kind.NORMAL
+                    for cut in range(1, len(p.piece)) if p.piece[:cut] in normal and p.piece[cut:] in normal)
+    unk = next(p.piece for p in m.pieces if p.type == kind.UNKNOWN)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[(a, b) for *_, a, b in merges], unk_token=unk,
+                               fuse_unk=True, byte_fallback=m.trainer_spec.byte_fallback))
+    tok.normalizer = normalizers.Replace(" ", "\u2581")
+    words = "\u2581*[^\u2581]+|\u2581+" if m.trainer_spec.allow_whitespace_only_pieces else "\u2581?[^\u2581]+|\u2581"
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(words), behavior="isolated")
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tok.add_tokens([AddedToken(p.piece, normalized=False, special=False)
+                    for p in m.pieces if p.type == kind.USER_DEFINED])
+    tok.add_special_tokens([AddedToken(p.piece, normalized=False, special=True)
+                            for p in m.pieces if p.type in (kind.CONTROL, kind.UNKNOWN)])
+    return tok
 
 
 def copy_hf_tokenizer(hf_folder: str, workdir: str, cfg) -> str | None:
@@ -81,17 +119,13 @@ def copy_hf_tokenizer(hf_folder: str, workdir: str, cfg) -> str | None:
                 shutil.copyfile(os.path.join(hf_folder, name), os.path.join(dest, name))
         cfg.data.update(tokenizer="hf", tokenizer_path=dest)
         return f"tokenizer.json copied to {dest}"
-    for name in (SPM_FILE, "tokenizer.model"):
+    for name in ("tokenizer.model", "spiece.model"):
         if os.path.isfile(os.path.join(hf_folder, name)):
             os.makedirs(dest, exist_ok=True)
             shutil.copyfile(os.path.join(hf_folder, name), os.path.join(dest, "tokenizer.model"))
             cfg.data.update(tokenizer="sentencepiece", tokenizer_path=os.path.join(dest, "tokenizer.model"))
             return f"SentencePiece {name} copied to {dest}"
     return None
-
-
-def has_tokenizer(hf_folder: str) -> bool:
-    return any(os.path.isfile(os.path.join(hf_folder, n)) for n in ("tokenizer.json", SPM_FILE, "tokenizer.model"))
 
 
 def _dump(obj, path):
