@@ -18,7 +18,7 @@ from olmoe_jax.kernels.gmm import default_backend, gmm, tile_owners
 TOL = {jnp.float32: dict(rtol=1e-5, atol=1e-5), jnp.bfloat16: dict(rtol=2.0 ** -8, atol=1e-2)}
 
 
-def make_case(rng, sizes_E, K, N, tm, dtype, slack_tiles=1):
+def make_case(rng, sizes_E, K, N, tm, dtype, slack_tiles=2):
     """Tile-padded lhs with random rows everywhere (padding rows inside a group are ordinary
     group members; rows in the slack tiles must be ignored), rhs, and a cotangent."""
     sizes_E = np.asarray(sizes_E)
@@ -46,9 +46,13 @@ def loop_reference(lhs, rhs, dout, padded_E):
 
 
 def run(backend, lhs, rhs, dout, padded_E, tm, dtype):
-    f = lambda a, b: gmm(a, b, jnp.asarray(padded_E), tm=tm, backend=backend)
-    out, vjp = jax.vjp(f, jnp.asarray(lhs, dtype), jnp.asarray(rhs, dtype))
-    dlhs, drhs = vjp(jnp.asarray(dout, dtype))
+    @jax.jit  # one compilation instead of many eagerly dispatched ops
+    def fwd_bwd(a, b, sizes, d):
+        out, vjp = jax.vjp(lambda a, b: gmm(a, b, sizes, tm=tm, backend=backend), a, b)
+        return (out, *vjp(d))
+
+    out, dlhs, drhs = fwd_bwd(jnp.asarray(lhs, dtype), jnp.asarray(rhs, dtype),
+                              jnp.asarray(padded_E), jnp.asarray(dout, dtype))
     assert out.dtype == dtype and dlhs.dtype == dtype and drhs.dtype == dtype
     return [np.asarray(jnp.asarray(a, jnp.float32), np.float64) for a in (out, dlhs, drhs)]
 
@@ -58,12 +62,19 @@ CASES = {
     "ragged_with_empty": ([5, 0, 17, 1], 64, 96, 8),
     "one_expert_takes_all": ([0, 0, 29, 0, 0], 32, 16, 8),
     "tile_multiples": ([8, 16, 0, 8], 128, 128, 8),
+    # skewed random sizes (Dirichlet 0.3 over 6 experts, 40 rows): several empty groups
+    "random_skewed": (np.random.default_rng(3).multinomial(
+        40, np.random.default_rng(4).dirichlet(np.full(6, 0.3))).tolist(), 32, 48, 8),
 }
 
 
+# Every case in f32; bf16 rounding on the ragged case and on the 128-lane blocks.
+DTYPE_CASES = ([(jnp.float32, c) for c in CASES]
+               + [(jnp.bfloat16, "ragged_with_empty"), (jnp.bfloat16, "tile_multiples")])
+
+
 @pytest.mark.parametrize("backend", ["xla", "pallas", "ragged_dot"])
-@pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("dtype,case", DTYPE_CASES)
 def test_backend_matches_loop(backend, case, dtype):
     sizes, K, N, tm = CASES[case]
     rng = np.random.default_rng(zlib.crc32(f"{backend}/{case}".encode()))
@@ -73,30 +84,16 @@ def test_backend_matches_loop(backend, case, dtype):
         np.testing.assert_allclose(g, r, err_msg=f"{backend} {case} {name}", **TOL[dtype])
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("dtype", [jnp.float32])
 def test_megablox_matches_loop(dtype):
-    # Interpret mode of jax's TPU kernel is slow on CPU: one ragged case with an empty group.
+    # Interpret mode of jax's TPU kernel is slow on CPU: one ragged case with an empty group,
+    # f32 only (the wrapper is dtype-blind; bf16 rounding is checked on the other backends).
     sizes, K, N, tm = CASES["ragged_with_empty"]
     rng = np.random.default_rng(7)
     lhs, rhs, dout, padded = make_case(rng, sizes, K, N, tm, dtype)
     got = run("megablox", lhs, rhs, dout, padded, tm, dtype)
     for name, g, r in zip(("out", "dlhs", "drhs"), got, loop_reference(lhs, rhs, dout, padded)):
         np.testing.assert_allclose(g, r, err_msg=f"megablox {name}", **TOL[dtype])
-
-
-def test_random_group_sizes_all_backends_agree_under_jit():
-    rng = np.random.default_rng(3)
-    E, tm = 6, 8
-    sizes = rng.multinomial(40, rng.dirichlet(np.full(E, 0.3)))  # skewed, often empty groups
-    lhs, rhs, dout, padded = make_case(rng, sizes, 32, 48, tm, jnp.float32, slack_tiles=2)
-    ref = loop_reference(lhs, rhs, dout, padded)
-    for backend in ("xla", "pallas", "ragged_dot"):
-        loss = jax.jit(lambda a, b, ps, be=backend: jnp.sum(
-            gmm(a, b, ps, tm=tm, backend=be) * jnp.asarray(dout, jnp.float32)))
-        grads = jax.grad(loss, argnums=(0, 1))(jnp.asarray(lhs, jnp.float32),
-                                               jnp.asarray(rhs, jnp.float32), jnp.asarray(padded))
-        np.testing.assert_allclose(grads[0], ref[1], err_msg=backend, **TOL[jnp.float32])
-        np.testing.assert_allclose(grads[1], ref[2], err_msg=backend, **TOL[jnp.float32])
 
 
 def test_tile_owners():

@@ -38,7 +38,7 @@ def test_forward_and_grad_match_reference(impl, renormalize):
     rng = np.random.default_rng(0)
     T, E, k = 37, 16, 4  # T not a multiple of the 8-row block
     lg = logits_case(rng, T, E)
-    check_forward(router(lg, k, renormalize=renormalize, impl=impl),
+    check_forward(jax.jit(lambda l: router(l, k, renormalize=renormalize, impl=impl))(lg),
                   router_reference(lg, k, renormalize), T, k)
 
     # Random cotangents on every differentiable output: weights, prob_mean, lse.
@@ -53,8 +53,8 @@ def test_forward_and_grad_match_reference(impl, renormalize):
                     + jnp.sum(o.lse_T * cl) + jnp.mean(o.lse_T ** 2))
         return f
 
-    got = jax.grad(loss(lambda l: router(l, k, renormalize=renormalize, impl=impl)))(lg)
-    want = jax.grad(loss(lambda l: router_reference(l, k, renormalize)))(lg)
+    got = jax.jit(jax.grad(loss(lambda l: router(l, k, renormalize=renormalize, impl=impl))))(lg)
+    want = jax.jit(jax.grad(loss(lambda l: router_reference(l, k, renormalize))))(lg)
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
