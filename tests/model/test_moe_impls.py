@@ -130,3 +130,23 @@ def test_tile_rows():
     assert moe_impls.tile_rows(8192 * 8, 64) == 128
     assert moe_impls.tile_rows(24, 6) == 16
     assert moe_impls.tile_rows(6 * 40, 6) == 64
+
+
+def test_full_model_dropless_equals_dense_under_scan_remat_jit(tiny_cfg):
+    # The custom_vjps of the kernels inside jax.checkpoint inside the layer scan.
+    from olmoe_jax.model import transformer
+    tiny_cfg.model.remat = "full"
+    params = transformer.init(tiny_cfg, jax.random.PRNGKey(0))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, tiny_cfg.model.vocab_size, (2, 16)),
+                         jnp.int32)
+
+    def run():
+        loss = lambda p: jnp.mean(transformer.apply(p, tokens, tiny_cfg)[0] ** 2)
+        return jax.jit(jax.value_and_grad(loss))(params)
+
+    loss_ref, g_ref = run()
+    tiny_cfg.model.update(moe_impl="dropless", moe_backend="xla")
+    loss, g = run()
+    np.testing.assert_allclose(loss, loss_ref, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
