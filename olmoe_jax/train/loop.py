@@ -1,0 +1,212 @@
+"""The training loop: `train(cfg, workdir)` runs or resumes one training run in a workdir.
+
+Everything that can be wrong with the input (config, mesh vs devices, data, an incompatible
+workdir) is checked before anything compiles or writes. A workdir holding a training
+checkpoint is resumed from its newest one (train state and data iterator); one holding only
+a params checkpoint (import-hf, upcycle) starts from those params with a fresh optimizer.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import jax
+import ml_collections
+import numpy as np
+
+from olmoe_jax.config import ConfigError, validate
+from olmoe_jax.model import transformer
+from olmoe_jax.parallel.mesh import make_mesh
+from olmoe_jax.train import checkpoint as ckpt_lib
+from olmoe_jax.train import metrics as metrics_lib
+from olmoe_jax.train import step as step_lib
+
+# Keys that may change between a run and its resumption: how long and how often, not what.
+RESUMABLE_KEYS = frozenset({
+    "train.steps", "train.log_every", "train.eval_every", "train.ckpt_every", "train.keep_ckpts",
+    "train.workdir",
+})
+
+
+@dataclasses.dataclass
+class Data:
+    """What the loop consumes. train_iter: a grain DatasetIterator of this process's batches
+    {inputs, targets int32 [B, T], loss_mask float32 [B, T]} (checkpointed with the state);
+    eval_batches: {domain: [batches]}; unigram_entropy: {domain: nats/token}, for reference."""
+    train_iter: Iterator[dict[str, np.ndarray]]
+    eval_batches: dict[str, list[dict[str, np.ndarray]]]
+    unigram_entropy: dict[str, float]
+
+
+def _flat(cfg: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in cfg.items():
+        if isinstance(v, ml_collections.ConfigDict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_diff(old: ml_collections.ConfigDict, new: ml_collections.ConfigDict) -> list[str]:
+    """Dotted keys whose values differ, as 'key: old -> new', sorted."""
+    a, b = _flat(old), _flat(new)
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def workdir_mode(cfg, workdir) -> str:
+    """'resume' (a training checkpoint exists), 'params' (only a params checkpoint) or 'new'.
+
+    ConfigError, before anything is written, when resuming would change anything but the
+    cadence keys (RESUMABLE_KEYS), or when the params checkpoint's shapes do not fit cfg.
+    """
+    wd = Path(workdir)
+    if wd.exists() and not wd.is_dir():
+        raise ConfigError(f"workdir {workdir} is a file; pass a directory with --workdir")
+    steps = ckpt_lib.checkpoint_steps(workdir)
+    if not steps:
+        return "new"  # a config.json without checkpoints (a run stopped early) is overwritten
+    old = ckpt_lib.load_config(workdir)
+    full = [s for s in steps if "state" in ckpt_lib.step_items(workdir, s)]
+    if full:
+        diff = [d for d in config_diff(old, cfg) if d.split(":")[0] not in RESUMABLE_KEYS]
+        if diff:
+            raise ConfigError(
+                f"{workdir} holds a run with a different config, so it cannot be resumed: "
+                + "; ".join(diff) + ". Use a new --workdir, or only change "
+                + ", ".join(sorted(RESUMABLE_KEYS - {'train.workdir'})))
+        return "resume"
+    shapes = lambda c: jax.tree.map(lambda s: (s.shape, s.dtype), transformer.abstract_params(c))  # noqa: E731
+    if shapes(old) != shapes(cfg):
+        diff = [d for d in config_diff(old, cfg) if d.startswith("model.")]
+        raise ConfigError(f"the params checkpoint in {workdir} does not fit this model: "
+                          + "; ".join(diff) + ". Set these model keys to the checkpoint's values")
+    return "params"
+
+
+def _preflight(cfg, workdir) -> tuple[ml_collections.ConfigDict, str]:
+    cfg = validate(cfg, num_devices=jax.device_count())
+    return cfg, workdir_mode(cfg, workdir)
+
+
+def train(cfg, workdir) -> dict[str, Any]:
+    """Trains (or resumes) `cfg` in `workdir` on the configured data; returns train_on's summary."""
+    cfg, _ = _preflight(cfg, workdir)
+    from olmoe_jax import data as data_lib  # pylint: disable=import-outside-toplevel
+    data_lib.check_data(cfg)
+    tok = data_lib.make_tokenizer(cfg)
+    where = {"process_index": jax.process_index(), "process_count": jax.process_count()}
+    data = Data(train_iter=data_lib.make_train_iterator(cfg, tok, **where),
+                eval_batches=data_lib.make_eval_batches(cfg, tok, **where),
+                unigram_entropy=data_lib.unigram_entropy(cfg, tok))
+    return train_on(cfg, workdir, data)
+
+
+def evaluate(eval_step, params, eval_batches, mesh) -> dict[str, float]:
+    """{domain: mean token cross-entropy (nats)} over each domain's batches."""
+    out = {}
+    for domain, batches in eval_batches.items():
+        sums = [eval_step(params, step_lib.global_batch(b, mesh)) for b in batches]
+        total = jax.device_get(sums)
+        tokens = sum(float(s["tokens"]) for s in total)
+        out[domain] = sum(float(s["ce_sum"]) for s in total) / max(tokens, 1.0)
+    return out
+
+
+def train_on(cfg, workdir, data: Data) -> dict[str, Any]:
+    """The loop, on given data. Returns {step, start_step, train_loss, val_loss {domain: nats},
+    unigram_entropy, tokens_per_s (excluding the first step's compile), mfu, wall_s}."""
+    t_start = time.perf_counter()
+    cfg, mode = _preflight(cfg, workdir)
+    t = cfg.train
+    mesh = make_mesh(cfg)
+    shardings = step_lib.state_shardings(cfg, mesh)
+    ckpt = ckpt_lib.Checkpointer(workdir, keep=t.keep_ckpts, save_every=t.ckpt_every)
+    try:
+        latest = ckpt.latest_step()
+        if mode == "resume" and latest is not None:
+            state = ckpt.restore(latest, step_lib.abstract_state(cfg, shardings), data.train_iter)
+        elif mode == "params":
+            params = ckpt_lib.load_params(workdir, shardings=shardings.params)
+            state = step_lib.state_from_params(cfg, params, shardings)
+        else:
+            state = step_lib.init_state(cfg, shardings)
+        ckpt_lib.save_config(workdir, cfg)
+        return _loop(cfg, workdir, data, mesh, shardings, state, ckpt, t_start)
+    finally:
+        ckpt.close()
+
+
+def _loop(cfg, workdir, data: Data, mesh, shardings, state, ckpt, t_start) -> dict[str, Any]:
+    t = cfg.train
+    train_step = step_lib.make_train_step(cfg, mesh, shardings)
+    eval_step = step_lib.make_eval_step(cfg, mesh, shardings.params)
+    start = int(jax.device_get(state.step))
+    writer = metrics_lib.MetricsWriter(workdir, total_steps=t.steps, start_step=start)
+    flops_per_token = metrics_lib.model_flops_per_token(cfg)
+    peak, peak_how = metrics_lib.peak_flops(cfg)
+    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+    writer.record({"kind": "setup", "mesh": dict(mesh.shape), "params": transformer.count_params(cfg),
+                   "model_flops_per_token": flops_per_token, "peak_flops": peak, "peak_flops_source": peak_how})
+    if start:
+        writer.message(f"resumed from step {start} in {workdir}")
+
+    pending: list[dict] = []
+    timed_steps, timed_s = 0, 0.0  # steps after the first (compile) one, for throughput
+    t_log, last_log = None, start
+    scalars: dict[str, float] = {}
+    val: dict[str, float] = {}
+    for s in range(start + 1, t.steps + 1):
+        try:
+            host_batch = next(data.train_iter)
+        except StopIteration:
+            from olmoe_jax.data.errors import DataError  # pylint: disable=import-outside-toplevel
+            raise DataError(f"the training data ran out at step {s} of train.steps={t.steps}; "
+                            "lower train.steps or add data") from None
+        state, m = train_step(state, step_lib.global_batch(host_batch, mesh))
+        pending.append(m)
+        if t_log is None:  # the first step compiles: start the clock after it
+            jax.block_until_ready(m)
+            t_log, last_log, pending = time.perf_counter(), s, []
+        elif s % t.log_every == 0 or s == t.steps:
+            scalars, layers = metrics_lib.summarize(pending)  # device_get: waits for the steps
+            now = time.perf_counter()
+            n, dt = s - last_log, now - t_log
+            timed_steps, timed_s = timed_steps + n, timed_s + dt
+            tps = n * tokens_per_step / dt
+            scalars.update(tokens_per_s=tps, mfu=tps * flops_per_token / peak,
+                           eta_s=(t.steps - s) * dt / n, step_s=dt / n)
+            writer.train(s, scalars, layers)
+            t_log, last_log, pending = now, s, []
+        if s % t.eval_every == 0 and s != t.steps and data.eval_batches:
+            writer.eval(s, evaluate(eval_step, state.params, data.eval_batches, mesh))
+            t_log = time.perf_counter()  # evaluation time is not training throughput
+        if ckpt.save(s, state, data.train_iter):
+            t_log = time.perf_counter() if t_log is not None else None
+    ckpt.save(int(jax.device_get(state.step)), state, data.train_iter, force=True)
+    if data.eval_batches:
+        val = evaluate(eval_step, state.params, data.eval_batches, mesh)
+        writer.eval(int(jax.device_get(state.step)), val)
+        writer.message(_final_table(val, data.unigram_entropy))
+    tps = timed_steps * tokens_per_step / timed_s if timed_s else None
+    summary = {
+        "step": int(jax.device_get(state.step)), "start_step": start,
+        "train_loss": scalars.get("loss"), "val_loss": val, "unigram_entropy": dict(data.unigram_entropy),
+        "tokens_per_s": tps, "mfu": tps * flops_per_token / peak if tps else None,
+        "wall_s": time.perf_counter() - t_start,
+    }
+    writer.record({"kind": "summary", **summary})
+    writer.close()
+    return summary
+
+
+def _final_table(val: dict[str, float], entropy: dict[str, float]) -> str:
+    """Final validation loss per domain beside the domain's unigram entropy (nats/token): a
+    model that learnt nothing beyond token frequencies scores the entropy."""
+    rows = [f"{'domain':<14}{'val loss':>10}{'unigram H':>11}"]
+    for d, v in val.items():
+        h = entropy.get(d)
+        rows.append(f"{d:<14}{v:>10.4f}{h:>11.4f}" if h is not None else f"{d:<14}{v:>10.4f}{'-':>11}")
+    return "final validation loss (nats/token)\n" + "\n".join(rows)

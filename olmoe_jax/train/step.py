@@ -1,0 +1,126 @@
+"""Sharded init, train step and eval step: module-level pure functions, each jitted with
+explicit shardings and the config as a static argument.
+
+The config is passed frozen (`ml_collections.FrozenConfigDict`, hashable), so jax's own jit
+cache serves every call with an equal config and mesh: a second run in the same process
+(a sweep, a resumed run, the tests) does not recompile. Init goes eval_shape -> shardings ->
+jit(init, out_shardings), so no full-size copy of the params ever lives on one device. The
+step donates the old state, so params and optimizer state are updated in place.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import optax
+from jax.sharding import Mesh, NamedSharding
+
+from olmoe_jax.model import losses, transformer
+from olmoe_jax.parallel import rules
+from olmoe_jax.train import state as state_lib
+from olmoe_jax.train.optimizer import make_optimizer, make_schedule
+from olmoe_jax.train.state import TrainState
+
+
+def frozen(cfg) -> ml_collections.FrozenConfigDict:
+    """The hashable form of cfg that the jitted functions take as a static argument."""
+    return cfg if isinstance(cfg, ml_collections.FrozenConfigDict) else ml_collections.FrozenConfigDict(cfg)
+
+
+def state_shardings(cfg, mesh: Mesh) -> TrainState:
+    """A TrainState of NamedShardings: optimizer moments shard like their params, the rest
+    (step, counters, rng) is replicated."""
+    rep = rules.replicated(mesh)
+    p_sh = rules.param_shardings(cfg, mesh)
+    tx = make_optimizer(cfg)
+    abs_opt = jax.eval_shape(tx.init, transformer.abstract_params(cfg))
+    opt_sh = optax.tree_map_params(
+        tx, lambda _, sh: sh, abs_opt, p_sh,
+        transform_non_params=lambda _: rep, is_leaf=lambda x: isinstance(x, NamedSharding))
+    return TrainState(step=rep, params=p_sh, opt_state=opt_sh, rng=rep)
+
+
+def _keys(seed: int):
+    """(init key, state key) from train.seed: the state's key never equals the init key."""
+    key = jax.random.PRNGKey(seed)
+    return key, jax.random.fold_in(key, 1)
+
+
+def _fresh(cfg) -> TrainState:
+    init_key, state_key = _keys(cfg.train.seed)
+    return state_lib.create(transformer.init(cfg, init_key), make_optimizer(cfg), state_key)
+
+
+def abstract_state(cfg, shardings: TrainState) -> TrainState:
+    """ShapeDtypeStructs (with shardings) of the state: the restore target for Orbax."""
+    shapes = jax.eval_shape(lambda: _fresh(cfg))
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
+def init_state(cfg, shardings: TrainState) -> TrainState:
+    """Fresh params (from train.seed) and optimizer, created directly in their shardings."""
+    return jax.jit(_fresh, static_argnums=0, out_shardings=shardings)(frozen(cfg))
+
+
+def _from_params(params, rng, cfg) -> TrainState:
+    return state_lib.create(params, make_optimizer(cfg), rng)
+
+
+def state_from_params(cfg, params, shardings: TrainState) -> TrainState:
+    """Step 0 with the given params (a params-only checkpoint) and a fresh optimizer."""
+    _, state_key = _keys(cfg.train.seed)
+    make = jax.jit(_from_params, static_argnums=2, in_shardings=(shardings.params, shardings.rng),
+                   out_shardings=shardings)
+    return make(params, state_key, frozen(cfg))
+
+
+def train_step(state: TrainState, batch, cfg) -> tuple[TrainState, dict]:
+    """One AdamW update on a batch {inputs, targets int32 [B, T], loss_mask float32 [B, T]}.
+
+    metrics: loss, ce_loss (nats/token), tokens (loss-mask sum), grad_norm (global L2 norm
+    before clipping), lr (of this update), and for MoE models lb_loss, z_loss, their
+    per-layer values [L], expert_load [L, E] (share of routed slots per expert) and
+    dropped_frac [L].
+    """
+    tx = make_optimizer(cfg)
+    grad_fn = jax.value_and_grad(losses.loss_fn, has_aux=True)
+    (_, metrics), grads = grad_fn(state.params, batch, cfg)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=make_schedule(cfg)(state.step))
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def eval_step(params, batch, cfg) -> dict:
+    """{ce_sum: summed token cross-entropy (nats), tokens: loss-mask sum} of one batch.
+
+    Sums, not means, so the batches of a domain combine weighted by their real token count.
+    """
+    _, metrics = losses.loss_fn(params, batch, cfg)
+    return {"ce_sum": metrics["ce_loss"] * metrics["tokens"], "tokens": metrics["tokens"]}
+
+
+def make_train_step(cfg, mesh: Mesh, shardings: TrainState) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
+    """train_step jitted: state sharded by `shardings` (and donated), batch by
+    rules.batch_sharding, metrics replicated."""
+    jitted = jax.jit(train_step, static_argnums=2, donate_argnums=0,
+                     in_shardings=(shardings, rules.batch_sharding(mesh)),
+                     out_shardings=(shardings, rules.replicated(mesh)))
+    fcfg = frozen(cfg)
+    return lambda state, batch: jitted(state, batch, fcfg)
+
+
+def make_eval_step(cfg, mesh: Mesh, param_shardings) -> Callable[[Any, Any], dict]:
+    """eval_step jitted: params as sharded for training, batch by rules.batch_sharding."""
+    jitted = jax.jit(eval_step, static_argnums=2,
+                     in_shardings=(param_shardings, rules.batch_sharding(mesh)),
+                     out_shardings=rules.replicated(mesh))
+    fcfg = frozen(cfg)
+    return lambda params, batch: jitted(params, batch, fcfg)
+
+
+def global_batch(batch: dict, mesh: Mesh) -> dict:
+    """This process's share of the batch (numpy [B_local, T]) -> global jax arrays [B, T]."""
+    sharding = rules.batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
