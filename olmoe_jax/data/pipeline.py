@@ -122,6 +122,11 @@ def make_train_iterator(cfg, tokenizer: Tokenizer, *, process_index: int = 0,
     # Rows are memmap slices: two threads and a short buffer keep up without hogging the CPU.
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
     if cfg.data.num_workers > 0:
+        # grain's worker processes read its absl flags, which only absl.app parses; elsewhere
+        # (pytest, a plain script) take their defaults instead of failing on first read.
+        from absl import flags
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.data.num_workers))
     return iter(it_ds)
 

@@ -166,3 +166,26 @@ def test_unigram_entropy_matches_the_validation_token_counts(builtin_cfg, spm_to
         assert got[domain] == pytest.approx(want, rel=1e-9)
         assert 0 < got[domain] < math.log(tok.vocab_size)
     assert unigram_entropy(builtin_cfg, tok) == got  # from the cache now
+
+
+def test_worker_processes_give_the_same_batches_and_restore(jsonl_cfg, spm_tokenizer):
+    cfg, _ = jsonl_cfg
+    want = make_train_iterator(cfg, spm_tokenizer)
+    want = [next(want) for _ in range(4)]
+    cfg = cfg.copy_and_resolve_references()
+    cfg.data.num_workers = 1
+    it = make_train_iterator(cfg, spm_tokenizer)
+    try:
+        got = [next(it), next(it)]
+        state = it.get_state()
+        got += [next(it), next(it)]
+    finally:
+        it.close()
+    again = make_train_iterator(cfg, spm_tokenizer)
+    try:
+        again.set_state(state)
+        got += [next(again), next(again)]
+    finally:
+        again.close()
+    for w, g in zip(want + want[2:], got):
+        np.testing.assert_array_equal(w["inputs"], g["inputs"])
