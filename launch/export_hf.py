@@ -1,10 +1,11 @@
-"""`olmoe export-hf --workdir W --out DIR [--step N] [--dtype bfloat16]`: a checkpoint as an HF folder.
+"""`olmoe export-hf --workdir W --out DIR [--step N] [--dtype bfloat16]`: checkpoint -> HF folder.
 
 MoE models become OlmoeForCausalLM in the released checkpoint's per-expert layout; dense models
 become LlamaForCausalLM or OlmoForCausalLM where one computes exactly the same function, and are
 refused with the reason otherwise (olmoe_jax/interop/hf_config.py). The tokenizer files are
 written beside the weights (olmoe_jax/interop/hf_tokenizer.py).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,19 +14,37 @@ import argparse
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", required=True, help="workdir with config.json and checkpoints")
     parser.add_argument("--out", required=True, help="new (or empty) folder for the HF model")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                        help="weight dtype in the safetensors files")
-    parser.add_argument("--shard-size-mb", type=int, default=5 * 1024,
-                        help="largest safetensors shard, in MiB (default 5 GiB, as HF writes)")
+    parser.add_argument(
+        "--step", type=int, default=None, help="checkpoint step (default: the newest)"
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="weight dtype in the safetensors files",
+    )
+    parser.add_argument(
+        "--shard-size-mb",
+        type=int,
+        default=5 * 1024,
+        help="largest safetensors shard, in MiB (default 5 GiB, as HF writes)",
+    )
 
 
 def run(args) -> int:
     from olmoe_jax.data.tokenizers import make_tokenizer  # pylint: disable=import-outside-toplevel
     from olmoe_jax.interop.hf_config import hf_model_type  # pylint: disable=import-outside-toplevel
-    from olmoe_jax.interop.hf_export import check_out_dir, export_hf  # pylint: disable=import-outside-toplevel
-    from olmoe_jax.interop.hf_tokenizer import write_tokenizer_files  # pylint: disable=import-outside-toplevel
-    from olmoe_jax.train.checkpoint import load_config, load_params  # pylint: disable=import-outside-toplevel
+    from olmoe_jax.interop.hf_export import (
+        check_out_dir,
+        export_hf,
+    )  # pylint: disable=import-outside-toplevel
+    from olmoe_jax.interop.hf_tokenizer import (
+        write_tokenizer_files,
+    )  # pylint: disable=import-outside-toplevel
+    from olmoe_jax.train.checkpoint import (
+        load_config,
+        load_params,
+    )  # pylint: disable=import-outside-toplevel
 
     cfg = load_config(args.workdir)
     kind = hf_model_type(cfg)  # refuse an inexpressible model before reading any weight
@@ -34,8 +53,15 @@ def run(args) -> int:
     eos = tok.eos_id if tok is not None else (cfg.data.eos_id if cfg.data.eos_id >= 0 else None)
     pad = tok.pad_id if tok is not None else None
     params = load_params(args.workdir, args.step)
-    files = export_hf(params, cfg, args.out, dtype=args.dtype, eos_id=eos, pad_id=pad,
-                      shard_bytes=args.shard_size_mb * 2**20,
-                      write_tokenizer=None if tok is None else (lambda d: write_tokenizer_files(cfg, tok, d)))
+    files = export_hf(
+        params,
+        cfg,
+        args.out,
+        dtype=args.dtype,
+        eos_id=eos,
+        pad_id=pad,
+        shard_bytes=args.shard_size_mb * 2**20,
+        write_tokenizer=None if tok is None else (lambda d: write_tokenizer_files(cfg, tok, d)),
+    )
     print(f"wrote {kind} ({args.dtype}) to {args.out}: {', '.join(files)}")
     return 0

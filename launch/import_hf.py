@@ -5,6 +5,7 @@ the defaults, then --set) and a params-only checkpoint that `olmoe train`, `eval
 start from; the folder's tokenizer files are copied to <workdir>/tokenizer/. The whole folder is
 validated before anything is written.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,7 +16,9 @@ from launch.common import add_config_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--hf", required=True, help="Hugging Face model folder (config.json + safetensors)")
+    parser.add_argument(
+        "--hf", required=True, help="Hugging Face model folder (config.json + safetensors)"
+    )
     parser.add_argument("--workdir", required=True, help="new workdir to create")
     add_config_arguments(parser)
 
@@ -24,12 +27,15 @@ def ensure_new_workdir(workdir: str) -> None:
     """Import and upcycle write a fresh workdir; refuse one that already holds a run."""
     for name in ("config.json", "checkpoints"):
         if os.path.exists(os.path.join(workdir, name)):
-            raise UsageError(f"--workdir {workdir} already holds a run ({name}); choose a new folder")
+            raise UsageError(
+                f"--workdir {workdir} already holds a run ({name}); choose a new folder"
+            )
 
 
 def base_config(args):
     import experiments  # pylint: disable=import-outside-toplevel
     from olmoe_jax.config import default_config  # pylint: disable=import-outside-toplevel
+
     return experiments.get(args.experiment) if args.experiment else default_config()
 
 
@@ -46,6 +52,9 @@ def run(args) -> int:
     validate(cfg)
     save_params(args.workdir, params, cfg)
     total, active = count_params(cfg)
-    print(f"imported {args.hf} ({cfg.model.ffn_type}, {total:,} params, {active:,} active) into {args.workdir}")
+    print(
+        f"imported {args.hf} ({cfg.model.ffn_type}, {total:,} params, {active:,} active) "
+        f"into {args.workdir}"
+    )
     print(note or "no tokenizer files in the HF folder; data.tokenizer is left as configured")
     return 0

@@ -3,6 +3,7 @@
 A dense checkpoint (ours, or an HF OLMo / Llama dense folder) becomes a MoE whose experts are all
 copies of the dense FFN, with a fresh router (olmoe_jax/interop/upcycle.py says what is preserved).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,34 +20,59 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--from", dest="source", help="dense workdir to upcycle")
     src.add_argument("--hf", help="HF dense folder (OLMo or Llama) to upcycle")
     parser.add_argument("--workdir", required=True, help="new workdir for the MoE")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step of --from (default: newest)")
+    parser.add_argument(
+        "--step", type=int, default=None, help="checkpoint step of --from (default: newest)"
+    )
     parser.add_argument("--num-experts", type=int, default=8)
     parser.add_argument("--top-k", type=int, default=2)
-    parser.add_argument("--norm-topk-prob", action="store_true",
-                        help="renormalise the top-k weights (then the MoE starts equal to the dense model)")
-    parser.add_argument("--noise", type=float, default=0.0,
-                        help="fraction of expert weights re-initialised (the paper tried 0.5)")
+    parser.add_argument(
+        "--norm-topk-prob",
+        action="store_true",
+        help="renormalise the top-k weights (then the MoE starts equal to the dense model)",
+    )
+    parser.add_argument(
+        "--noise",
+        type=float,
+        default=0.0,
+        help="fraction of expert weights re-initialised (the paper tried 0.5)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="router init and noise")
     add_config_arguments(parser)
 
 
 def run(args) -> int:
-    from olmoe_jax.config import apply_overrides, validate  # pylint: disable=import-outside-toplevel
+    from olmoe_jax.config import (
+        apply_overrides,
+        validate,
+    )  # pylint: disable=import-outside-toplevel
     from olmoe_jax.interop import hf_tokenizer  # pylint: disable=import-outside-toplevel
     from olmoe_jax.interop.hf_import import import_hf  # pylint: disable=import-outside-toplevel
-    from olmoe_jax.interop.upcycle import upcycle, upcycle_config  # pylint: disable=import-outside-toplevel
+    from olmoe_jax.interop.upcycle import (
+        upcycle,
+        upcycle_config,
+    )  # pylint: disable=import-outside-toplevel
     from olmoe_jax.model.transformer import count_params  # pylint: disable=import-outside-toplevel
-    from olmoe_jax.train.checkpoint import load_config, load_params, save_params  # pylint: disable=import-outside-toplevel
+    from olmoe_jax.train.checkpoint import (
+        load_config,
+        load_params,
+        save_params,
+    )  # pylint: disable=import-outside-toplevel
 
     ensure_new_workdir(args.workdir)
     if args.source and args.experiment:
-        raise UsageError("--experiment applies to --hf sources; a --from workdir has its own config")
+        raise UsageError(
+            "--experiment applies to --hf sources; a --from workdir has its own config"
+        )
     if args.source:
         dense_cfg = load_config(args.source)
     else:
         dense_cfg, params = import_hf(args.hf, base_config(args))
-    moe_cfg = upcycle_config(dense_cfg, num_experts=args.num_experts, top_k=args.top_k,
-                             norm_topk_prob=args.norm_topk_prob)
+    moe_cfg = upcycle_config(
+        dense_cfg,
+        num_experts=args.num_experts,
+        top_k=args.top_k,
+        norm_topk_prob=args.norm_topk_prob,
+    )
     validate(apply_overrides(moe_cfg, args.overrides))
     if not 0.0 <= args.noise <= 1.0:
         raise UsageError(f"--noise {args.noise} must be a fraction in [0, 1]")
@@ -56,8 +82,11 @@ def run(args) -> int:
     note = hf_tokenizer.copy_hf_tokenizer(args.hf, args.workdir, moe_cfg) if args.hf else None
     save_params(args.workdir, moe, moe_cfg)
     total, active = count_params(moe_cfg)
-    print(f"upcycled {args.source or args.hf} into {args.workdir}: {args.num_experts} experts top-{args.top_k}, "
-          f"{total:,} params ({active:,} active), noise {args.noise}")
+    print(
+        f"upcycled {args.source or args.hf} into {args.workdir}: "
+        f"{args.num_experts} experts top-{args.top_k}, "
+        f"{total:,} params ({active:,} active), noise {args.noise}"
+    )
     if note:
         print(note)
     return 0

@@ -11,6 +11,7 @@ Sampling: temperature 0 is greedy (argmax, first index on ties, like torch); oth
 temperature, restricted to the smallest set of tokens whose probability reaches top_p (nucleus).
 A row stops after EOS; the loop stops when every row has stopped or after max_new_tokens.
 """
+
 from __future__ import annotations
 
 import functools
@@ -41,30 +42,41 @@ class Generation(NamedTuple):
 
 def _row_apply(params, tokens_T, cache_row, cfg):
     """apply() on one row with its own cache (k, v [L, S, K, hd], index [])."""
-    cache = {"k": cache_row["k"][:, None], "v": cache_row["v"][:, None], "index": cache_row["index"]}
+    cache = {
+        "k": cache_row["k"][:, None],
+        "v": cache_row["v"][:, None],
+        "index": cache_row["index"],
+    }
     logits, aux = transformer.apply(params, tokens_T[None], cfg, cache=cache)
     new = aux["cache"]
     return logits[0], {"k": new["k"][:, 0], "v": new["v"][:, 0], "index": new["index"]}
 
 
 def _batched_apply(params, tokens_BT, cache, cfg):
-    fn = jax.vmap(functools.partial(_row_apply, cfg=cfg), in_axes=(None, 0, _CACHE_AXES),
-                  out_axes=(0, _CACHE_AXES))
+    fn = jax.vmap(
+        functools.partial(_row_apply, cfg=cfg),
+        in_axes=(None, 0, _CACHE_AXES),
+        out_axes=(0, _CACHE_AXES),
+    )
     return fn(params, tokens_BT, cache)
 
 
-def sample(logits_BV, rng, temperature: float, top_p: float):
-    """Next token per row [B] int32 from float32 logits [B, V]."""
-    if temperature == 0.0:
+def sample(logits_BV, rng, temperature, top_p, *, greedy: bool):
+    """Next token per row [B] int32 from float32 logits [B, V].
+
+    greedy: argmax (temperature and top_p unused). Otherwise temperature > 0 and top_p in
+    (0, 1] may be traced values, so one compiled decode loop serves every setting.
+    """
+    if greedy:
         return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
     logits_BV = logits_BV / temperature
-    if top_p < 1.0:
-        sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
-        probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
-        # Keep a token if the tokens before it have not yet reached top_p (the first always is).
-        keep_BV = (jnp.cumsum(probs_BV, axis=-1) - probs_BV) < top_p
-        threshold_B1 = jnp.min(jnp.where(keep_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
-        logits_BV = jnp.where(logits_BV >= threshold_B1, logits_BV, -jnp.inf)
+    sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
+    probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+    # Keep a token if the tokens before it have not yet reached top_p (the first always is);
+    # top_p == 1 keeps all, even where the float cumsum reaches 1 before the last token.
+    keep_BV = ((jnp.cumsum(probs_BV, axis=-1) - probs_BV) < top_p) | (top_p >= 1.0)
+    threshold_B1 = jnp.min(jnp.where(keep_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
+    logits_BV = jnp.where(logits_BV >= threshold_B1, logits_BV, -jnp.inf)
     return jax.random.categorical(rng, logits_BV, axis=-1).astype(jnp.int32)
 
 
@@ -76,8 +88,9 @@ def _prefill(params, tokens_BP, lengths_B, cache, cfg):
     return last_BV, cache
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "steps", "temperature", "top_p"))
-def _decode(params, logits_BV, cache, rng, eos_id, pad_id, *, cfg, steps, temperature, top_p):
+@functools.partial(jax.jit, static_argnames=("cfg", "steps", "greedy"))
+def _decode(params, logits_BV, cache, rng, eos_id, pad_id, temperature, top_p, *,
+            cfg, steps, greedy):
     B = logits_BV.shape[0]
 
     def cond(state):
@@ -87,7 +100,7 @@ def _decode(params, logits_BV, cache, rng, eos_id, pad_id, *, cfg, steps, temper
     def body(state):
         step, logits, cache, out, done, rng = state
         rng, key = jax.random.split(rng)
-        tok = sample(logits, key, temperature, top_p)
+        tok = sample(logits, key, temperature, top_p, greedy=greedy)
         tok = jnp.where(done, pad_id, tok)
         out = out.at[:, step].set(tok)
         done = done | (tok == eos_id)
@@ -100,8 +113,18 @@ def _decode(params, logits_BV, cache, rng, eos_id, pad_id, *, cfg, steps, temper
     return out, step, done
 
 
-def generate(params, cfg, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, eos_id: int | None,
-             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, pad_id: int = 0) -> Generation:
+def generate(
+    params,
+    cfg,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    eos_id: int | None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    pad_id: int = 0,
+) -> Generation:
     """Continues each prompt (a list of token ids) by up to max_new_tokens tokens.
 
     eos_id: a row stops after emitting it (None: never). The cache holds max prompt length +
@@ -113,8 +136,10 @@ def generate(params, cfg, prompts: Sequence[Sequence[int]], *, max_new_tokens: i
         raise ValueError(f"temperature={temperature} must be >= 0 and top_p={top_p} in (0, 1]")
     B, longest = len(prompts), max(len(p) for p in prompts)
     if longest + max_new_tokens > cfg.model.max_seq_len:
-        raise ValueError(f"prompt length {longest} + max_new_tokens {max_new_tokens} exceeds "
-                         f"model.max_seq_len={cfg.model.max_seq_len}")
+        raise ValueError(
+            f"prompt length {longest} + max_new_tokens {max_new_tokens} exceeds "
+            f"model.max_seq_len={cfg.model.max_seq_len}"
+        )
     # Pad the prompt width up to a multiple of _BUCKET (within max_seq_len): prompts of nearby
     # lengths then share one compiled prefill and decode loop.
     P = min(-(-longest // _BUCKET) * _BUCKET, cfg.model.max_seq_len - max_new_tokens)
@@ -135,11 +160,12 @@ def generate(params, cfg, prompts: Sequence[Sequence[int]], *, max_new_tokens: i
     jax.block_until_ready(logits)
     t1 = time.perf_counter()
 
-    rng, eos_pad = jax.random.PRNGKey(seed), (np.int32(eos), np.int32(pad_id))
-    decode = _decode.lower(params, logits, cache, rng, *eos_pad, cfg=frozen, steps=max_new_tokens,
-                           temperature=float(temperature), top_p=float(top_p)).compile()
+    rng = jax.random.PRNGKey(seed)
+    scalars = (np.int32(eos), np.int32(pad_id), np.float32(temperature), np.float32(top_p))
+    decode = _decode.lower(params, logits, cache, rng, *scalars, cfg=frozen,
+                           steps=max_new_tokens, greedy=temperature == 0).compile()
     t2 = time.perf_counter()
-    out, _, _ = decode(params, logits, cache, rng, *eos_pad)
+    out, _, _ = decode(params, logits, cache, rng, *scalars)
     out = np.asarray(out)
     t3 = time.perf_counter()
 
@@ -147,6 +173,6 @@ def generate(params, cfg, prompts: Sequence[Sequence[int]], *, max_new_tokens: i
     for row in out:
         ids = row.tolist()
         if eos in ids:
-            ids = ids[:ids.index(eos) + 1]
+            ids = ids[: ids.index(eos) + 1]
         rows.append(ids)
     return Generation(rows, t1 - t0, t3 - t2, sum(len(r) for r in rows))

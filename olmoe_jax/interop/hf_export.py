@@ -5,6 +5,7 @@ transformers 4.x and 5.x load), plus whatever tokenizer files the caller writes.
 The folder is assembled beside `out` and renamed into place at the end, so a failure leaves no
 half-written model behind, and every refusal (a model HF cannot express) comes before any write.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,12 +33,22 @@ def hf_tensors(params, cfg, dtype):
 
 def check_out_dir(out: str) -> None:
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-        raise HFFormatError(f"--out {out} exists and is not empty; choose a new folder or remove it")
+        raise HFFormatError(
+            f"--out {out} exists and is not empty; choose a new folder or remove it"
+        )
 
 
-def export_hf(params, cfg, out: str, *, dtype: str = "float32", eos_id: int | None = None,
-              pad_id: int | None = None, shard_bytes: int = 5 * 2**30,
-              write_tokenizer: Callable[[str], None] | None = None) -> list[str]:
+def export_hf(
+    params,
+    cfg,
+    out: str,
+    *,
+    dtype: str = "float32",
+    eos_id: int | None = None,
+    pad_id: int | None = None,
+    shard_bytes: int = 5 * 2**30,
+    write_tokenizer: Callable[[str], None] | None = None,
+) -> list[str]:
     """Writes the HF folder `out` (must not exist or be empty); returns the file names written.
 
     dtype: "float32" or "bfloat16" for the weights. shard_bytes: the most bytes of tensors per
@@ -91,12 +102,25 @@ def _write(params, cfg, folder, np_dtype, dtype_name, eos_id, pad_id, shard_byte
         final = [f"model-{i + 1:05d}-of-{len(names):05d}.safetensors" for i in range(len(names))]
         for tmp_name, name in zip(names, final):
             os.replace(os.path.join(folder, tmp_name), os.path.join(folder, name))
-        index = {"metadata": {"total_size": total}, "weight_map": {k: final[i] for k, i in weight_map.items()}}
+        index = {
+            "metadata": {"total_size": total},
+            "weight_map": {k: final[i] for k, i in weight_map.items()},
+        }
         _dump(index, os.path.join(folder, "model.safetensors.index.json"))
 
-    _dump(to_hf_config(cfg, dtype=dtype_name, eos_id=eos_id, pad_id=pad_id), os.path.join(folder, "config.json"))
-    _dump({"_from_model_config": True, "bos_token_id": None, "eos_token_id": eos_id, "pad_token_id": pad_id},
-          os.path.join(folder, "generation_config.json"))
+    _dump(
+        to_hf_config(cfg, dtype=dtype_name, eos_id=eos_id, pad_id=pad_id),
+        os.path.join(folder, "config.json"),
+    )
+    _dump(
+        {
+            "_from_model_config": True,
+            "bos_token_id": None,
+            "eos_token_id": eos_id,
+            "pad_token_id": pad_id,
+        },
+        os.path.join(folder, "generation_config.json"),
+    )
 
 
 def _dump(obj, path):

@@ -10,6 +10,7 @@ save_pretrained writes) and transformers 5's fused in-memory tensors
 (`mlp.experts.gate_up_proj` [E, 2F, D], gate rows first; `mlp.experts.down_proj` [E, D, F]),
 which `FolderReader` serves under the per-expert names by reading slices of the fused tensor.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,7 +38,9 @@ def read_hf_config(folder: str) -> dict:
     if not os.path.isdir(folder):
         raise HFFormatError(f"--hf {folder}: no such folder")
     if not os.path.isfile(path):
-        raise HFFormatError(f"{folder} has no config.json; point --hf at a Hugging Face model folder")
+        raise HFFormatError(
+            f"{folder} has no config.json; point --hf at a Hugging Face model folder"
+        )
     try:
         with open(path) as f:
             return json.load(f)
@@ -56,14 +59,18 @@ def _shard_files(folder: str) -> list[str]:
         files = sorted(set(weight_map.values()))
         missing = [f for f in files if not os.path.isfile(os.path.join(folder, f))]
         if missing:
-            raise HFFormatError(f"{folder}: the index names shard(s) that are missing: {', '.join(missing)}")
+            raise HFFormatError(
+                f"{folder}: the index names shard(s) that are missing: {', '.join(missing)}"
+            )
         return [os.path.join(folder, f) for f in files]
     single = os.path.join(folder, "model.safetensors")
     if os.path.isfile(single):
         return [single]
     if any(n.endswith(".bin") for n in os.listdir(folder)):
-        raise HFFormatError(f"{folder} holds PyTorch .bin weights; save it with safetensors "
-                            "(model.save_pretrained(dir, safe_serialization=True)) and import that")
+        raise HFFormatError(
+            f"{folder} holds PyTorch .bin weights; save it with safetensors "
+            "(model.save_pretrained(dir, safe_serialization=True)) and import that"
+        )
     raise HFFormatError(f"{folder} has neither model.safetensors nor model.safetensors.index.json")
 
 
@@ -149,9 +156,14 @@ def _problems(reader: FolderReader, expected: dict, cfg) -> list[str]:
     if missing:
         out.append(f"{len(missing)} tensor(s) missing: {listed(missing)}")
     if extra:
-        out.append(f"{len(extra)} unknown tensor(s) that config.json does not explain: {listed(extra)}")
-    bad = [f"{k} has shape {list(reader.shapes[k])}, config.json implies {list(s)}"
-           for k, (s, _, _) in expected.items() if k in have and tuple(reader.shapes[k]) != s]
+        out.append(
+            f"{len(extra)} unknown tensor(s) that config.json does not explain: {listed(extra)}"
+        )
+    bad = [
+        f"{k} has shape {list(reader.shapes[k])}, config.json implies {list(s)}"
+        for k, (s, _, _) in expected.items()
+        if k in have and tuple(reader.shapes[k]) != s
+    ]
     if bad:
         out.append(f"{len(bad)} shape mismatch(es): " + "; ".join(bad[:5]))
     dt = sorted({reader.dtypes[k] for k in have if k in expected} - set(_DTYPES))
@@ -174,17 +186,25 @@ def import_hf(folder: str, base_cfg, overrides: Sequence[str] = ()) -> tuple[Any
     expected = _expected(cfg)
     problems = _problems(reader, expected, cfg)
     if problems:
-        raise HFFormatError(f"{folder} does not match its config.json ({hf.get('model_type')}): "
-                            + " | ".join(problems))
+        raise HFFormatError(
+            f"{folder} does not match its config.json ({hf.get('model_type')}): "
+            + " | ".join(problems)
+        )
     return cfg, read_params(reader, expected, cfg)
 
 
 def read_params(reader: FolderReader, expected: dict, cfg) -> dict:
-    dtype = np.dtype(cfg.model.param_dtype) if cfg.model.param_dtype == "float32" else jax.numpy.bfloat16
+    dtype = (
+        np.dtype(cfg.model.param_dtype)
+        if cfg.model.param_dtype == "float32"
+        else jax.numpy.bfloat16
+    )
     specs = transformer.param_specs(cfg)
     params: dict = {}
     for rule in hf_keys.rules(cfg):
-        hf_keys.set_leaf(params, rule.ours, np.empty(hf_keys.get_leaf(specs, rule.ours).shape, dtype))
+        hf_keys.set_leaf(
+            params, rule.ours, np.empty(hf_keys.get_leaf(specs, rule.ours).shape, dtype)
+        )
     handles: dict = {}
     try:
         for key, (_, rule, idx) in expected.items():

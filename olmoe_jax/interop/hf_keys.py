@@ -11,6 +11,7 @@ Our weights are [in, out] (x @ w) and attention weights keep heads as an axis; H
 weights are [out, in] with heads flattened head-major (index h * head_dim + j), which is what
 the reshapes below assume.
 """
+
 from __future__ import annotations
 
 from typing import Callable, NamedTuple
@@ -69,11 +70,15 @@ def rules(cfg) -> list[Rule]:
         Rule(("layers", "wo"), layer + "self_attn.o_proj.weight", *_heads_out(H, hd)),
     ]
     if m.qk_norm:
-        out += [Rule(("layers", "q_norm"), layer + "self_attn.q_norm.weight", *_flat(H, hd)),
-                Rule(("layers", "k_norm"), layer + "self_attn.k_norm.weight", *_flat(K, hd))]
+        out += [
+            Rule(("layers", "q_norm"), layer + "self_attn.q_norm.weight", *_flat(H, hd)),
+            Rule(("layers", "k_norm"), layer + "self_attn.k_norm.weight", *_flat(K, hd)),
+        ]
     if m.norm_type == "rmsnorm":  # OLMo's LayerNorm has no weights at all
-        out += [Rule(("layers", "attn_norm"), layer + "input_layernorm.weight", _same, _same),
-                Rule(("layers", "mlp_norm"), layer + "post_attention_layernorm.weight", _same, _same)]
+        out += [
+            Rule(("layers", "attn_norm"), layer + "input_layernorm.weight", _same, _same),
+            Rule(("layers", "mlp_norm"), layer + "post_attention_layernorm.weight", _same, _same),
+        ]
     if kind == "olmoe":
         expert = layer + "mlp.experts.{e}."
         out += [
@@ -83,8 +88,10 @@ def rules(cfg) -> list[Rule]:
             Rule(("layers", "moe", "w_down"), expert + "down_proj.weight", _transpose, _transpose),
         ]
     else:
-        out += [Rule(("layers", "mlp", n), layer + f"mlp.{n[2:]}_proj.weight", _transpose, _transpose)
-                for n in ("w_gate", "w_up", "w_down")]
+        out += [
+            Rule(("layers", "mlp", n), layer + f"mlp.{n[2:]}_proj.weight", _transpose, _transpose)
+            for n in ("w_gate", "w_up", "w_down")
+        ]
     if m.norm_type == "rmsnorm":
         out.append(Rule(("final_norm",), "model.norm.weight", _same, _same))
     if not m.tie_embeddings:
@@ -96,7 +103,11 @@ def expand(rule: Rule, cfg) -> list[tuple[tuple[int, ...], str]]:
     """[(index into our leaf, HF key)] for every HF tensor of `rule`."""
     m = cfg.model
     if "{e}" in rule.hf:
-        return [((i, e), rule.hf.format(i=i, e=e)) for i in range(m.num_layers) for e in range(m.num_experts)]
+        return [
+            ((i, e), rule.hf.format(i=i, e=e))
+            for i in range(m.num_layers)
+            for e in range(m.num_experts)
+        ]
     if "{i}" in rule.hf:
         return [((i,), rule.hf.format(i=i)) for i in range(m.num_layers)]
     return [((), rule.hf)]

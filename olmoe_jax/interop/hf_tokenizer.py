@@ -19,6 +19,7 @@ known difference, HF's convention: a control piece written literally in the text
 Import: tokenizer files found in the HF folder are copied into `<workdir>/tokenizer/` and the
 config's data section points at them.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,8 +41,11 @@ def write_tokenizer_files(cfg, tok: Tokenizer, folder: str) -> list[str]:
     base = {"model_max_length": cfg.model.max_seq_len, "clean_up_tokenization_spaces": False}
     if d.tokenizer == "hf":
         src = d.tokenizer_path
-        src_dir, src_file = (src, os.path.join(src, "tokenizer.json")) if os.path.isdir(src) \
+        src_dir, src_file = (
+            (src, os.path.join(src, "tokenizer.json"))
+            if os.path.isdir(src)
             else (os.path.dirname(src), src)
+        )
         shutil.copyfile(src_file, os.path.join(folder, "tokenizer.json"))
         written = ["tokenizer.json"]
         for name in HF_FILES[1:]:
@@ -49,24 +53,43 @@ def write_tokenizer_files(cfg, tok: Tokenizer, folder: str) -> list[str]:
                 shutil.copyfile(os.path.join(src_dir, name), os.path.join(folder, name))
                 written.append(name)
         if "tokenizer_config.json" not in written:
-            _dump(dict(base, tokenizer_class="PreTrainedTokenizerFast", eos_token=_piece(tok, tok.eos_id),
-                       pad_token=_piece(tok, tok.pad_id)), os.path.join(folder, "tokenizer_config.json"))
+            _dump(
+                dict(
+                    base,
+                    tokenizer_class="PreTrainedTokenizerFast",
+                    eos_token=_piece(tok, tok.eos_id),
+                    pad_token=_piece(tok, tok.pad_id),
+                ),
+                os.path.join(folder, "tokenizer_config.json"),
+            )
             written.append("tokenizer_config.json")
         return written
     if d.tokenizer == "sentencepiece":
         inner = getattr(tok, "_inner", tok)  # data.eos_id may wrap it; the file is the same
         if not isinstance(inner, SentencePieceTokenizer):
-            raise TypeError(f"expected a SentencePiece tokenizer for data.tokenizer=sentencepiece, got {tok!r}")
-        proto = inner._proto  # pylint: disable=protected-access  (the data layer exposes no accessor)
+            raise TypeError(
+                f"expected a SentencePiece tokenizer for data.tokenizer=sentencepiece, got {tok!r}"
+            )
+        proto = (
+            inner._proto
+        )  # pylint: disable=protected-access  (the data layer exposes no accessor)
         spm_to_hf(proto).save(os.path.join(folder, "tokenizer.json"))
-        _dump(dict(base, tokenizer_class="PreTrainedTokenizerFast", eos_token=_id_piece(proto, tok.eos_id),
-                   pad_token=_id_piece(proto, tok.pad_id)), os.path.join(folder, "tokenizer_config.json"))
+        _dump(
+            dict(
+                base,
+                tokenizer_class="PreTrainedTokenizerFast",
+                eos_token=_id_piece(proto, tok.eos_id),
+                pad_token=_id_piece(proto, tok.pad_id),
+            ),
+            os.path.join(folder, "tokenizer_config.json"),
+        )
         return ["tokenizer.json", "tokenizer_config.json"]
     return []  # data.tokenizer=none: the data were token ids; there is no text side to export
 
 
 def _model_proto(proto: bytes):
     from sentencepiece import sentencepiece_model_pb2  # pylint: disable=import-outside-toplevel
+
     m = sentencepiece_model_pb2.ModelProto()
     m.ParseFromString(proto)
     return m
@@ -80,29 +103,73 @@ def spm_to_hf(proto: bytes):
     """A `tokenizers.Tokenizer` computing the same ids as the SentencePiece BPE model `proto`."""
     # pylint: disable=import-outside-toplevel
     from sentencepiece.sentencepiece_model_pb2 import ModelProto
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+    )
+
     m, kind = _model_proto(proto), ModelProto.SentencePiece
     norm = m.normalizer_spec
-    if m.trainer_spec.model_type != m.trainer_spec.BPE or norm.name != "identity" or norm.add_dummy_prefix \
-            or norm.remove_extra_whitespaces or not norm.escape_whitespaces or m.trainer_spec.treat_whitespace_as_suffix:
-        raise ValueError("only SentencePiece BPE models with identity normalisation, no dummy prefix and "
-                         "escaped whitespace (as olmoe_jax trains them) convert exactly to tokenizer.json")
+    if (
+        m.trainer_spec.model_type != m.trainer_spec.BPE
+        or norm.name != "identity"
+        or norm.add_dummy_prefix
+        or norm.remove_extra_whitespaces
+        or not norm.escape_whitespaces
+        or m.trainer_spec.treat_whitespace_as_suffix
+    ):
+        raise ValueError(
+            "only SentencePiece BPE models with identity normalisation, no dummy prefix and "
+            "escaped whitespace (as olmoe_jax trains them) convert exactly to tokenizer.json"
+        )
     vocab = {p.piece: i for i, p in enumerate(m.pieces)}
     normal = {p.piece for p in m.pieces if p.type == kind.NORMAL}
-    merges = sorted((-p.score, vocab[p.piece], p.piece[:cut], p.piece[cut:])
-                    for p in m.pieces if p.type == kind.NORMAL
-                    for cut in range(1, len(p.piece)) if p.piece[:cut] in normal and p.piece[cut:] in normal)
+    merges = sorted(
+        (-p.score, vocab[p.piece], p.piece[:cut], p.piece[cut:])
+        for p in m.pieces
+        if p.type == kind.NORMAL
+        for cut in range(1, len(p.piece))
+        if p.piece[:cut] in normal and p.piece[cut:] in normal
+    )
     unk = next(p.piece for p in m.pieces if p.type == kind.UNKNOWN)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[(a, b) for *_, a, b in merges], unk_token=unk,
-                               fuse_unk=True, byte_fallback=m.trainer_spec.byte_fallback))
+    tok = Tokenizer(
+        models.BPE(
+            vocab=vocab,
+            merges=[(a, b) for *_, a, b in merges],
+            unk_token=unk,
+            fuse_unk=True,
+            byte_fallback=m.trainer_spec.byte_fallback,
+        )
+    )
     tok.normalizer = normalizers.Replace(" ", "\u2581")
-    words = "\u2581*[^\u2581]+|\u2581+" if m.trainer_spec.allow_whitespace_only_pieces else "\u2581?[^\u2581]+|\u2581"
+    words = (
+        "\u2581*[^\u2581]+|\u2581+"
+        if m.trainer_spec.allow_whitespace_only_pieces
+        else "\u2581?[^\u2581]+|\u2581"
+    )
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(words), behavior="isolated")
-    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
-    tok.add_tokens([AddedToken(p.piece, normalized=False, special=False)
-                    for p in m.pieces if p.type == kind.USER_DEFINED])
-    tok.add_special_tokens([AddedToken(p.piece, normalized=False, special=True)
-                            for p in m.pieces if p.type in (kind.CONTROL, kind.UNKNOWN)])
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    )
+    tok.add_tokens(
+        [
+            AddedToken(p.piece, normalized=False, special=False)
+            for p in m.pieces
+            if p.type == kind.USER_DEFINED
+        ]
+    )
+    tok.add_special_tokens(
+        [
+            AddedToken(p.piece, normalized=False, special=True)
+            for p in m.pieces
+            if p.type in (kind.CONTROL, kind.UNKNOWN)
+        ]
+    )
     return tok
 
 
@@ -123,7 +190,9 @@ def copy_hf_tokenizer(hf_folder: str, workdir: str, cfg) -> str | None:
         if os.path.isfile(os.path.join(hf_folder, name)):
             os.makedirs(dest, exist_ok=True)
             shutil.copyfile(os.path.join(hf_folder, name), os.path.join(dest, "tokenizer.model"))
-            cfg.data.update(tokenizer="sentencepiece", tokenizer_path=os.path.join(dest, "tokenizer.model"))
+            cfg.data.update(
+                tokenizer="sentencepiece", tokenizer_path=os.path.join(dest, "tokenizer.model")
+            )
             return f"SentencePiece {name} copied to {dest}"
     return None
 

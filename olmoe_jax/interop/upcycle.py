@@ -12,31 +12,51 @@ Noise (`noise` = p): each element of each expert's weights is, independently wit
 p, replaced by a fresh draw from the model's init distribution, so experts start different
 (p=0.5 is the paper's "50% noise" variant, read as re-initialising half of the weights).
 """
+
 from __future__ import annotations
 
-import ml_collections
+import functools
+
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from olmoe_jax.config import ConfigError, validate
 from olmoe_jax.model import transformer
 
 
-def upcycle_config(dense_cfg, *, num_experts: int, top_k: int, norm_topk_prob: bool) -> ml_collections.ConfigDict:
+def upcycle_config(
+    dense_cfg, *, num_experts: int, top_k: int, norm_topk_prob: bool
+) -> ml_collections.ConfigDict:
     """The MoE config: dense_cfg with ffn_type=moe and experts as wide as the dense FFN."""
     if dense_cfg.model.ffn_type != "dense":
-        raise ConfigError(f"upcycling needs a dense model (model.ffn_type=dense); this one is "
-                          f"{dense_cfg.model.ffn_type}")
+        raise ConfigError(
+            f"upcycling needs a dense model (model.ffn_type=dense); this one is "
+            f"{dense_cfg.model.ffn_type}"
+        )
     cfg = ml_collections.ConfigDict(dense_cfg.to_dict())
-    cfg.model.update(ffn_type="moe", num_experts=num_experts, top_k=top_k, expert_dim=dense_cfg.model.mlp_dim,
-                     norm_topk_prob=norm_topk_prob, num_shared_experts=0, router_type="token_choice",
-                     capacity_factor=0.0)
+    cfg.model.update(
+        ffn_type="moe",
+        num_experts=num_experts,
+        top_k=top_k,
+        expert_dim=dense_cfg.model.mlp_dim,
+        norm_topk_prob=norm_topk_prob,
+        num_shared_experts=0,
+        router_type="token_choice",
+        capacity_factor=0.0,
+    )
     return validate(cfg)
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "name"))
+def _init_leaf(rng, cfg, name: str):
+    # XLA drops every other leaf's work: only this leaf is drawn.
+    return transformer.init(cfg, rng)["layers"]["moe"][name]
+
+
 def _fresh_leaf(cfg, rng, name: str):
-    # The leaf a fresh `init` would give (same key derivation); jit drops every other leaf's work.
-    return jax.jit(lambda r: transformer.init(cfg, r)["layers"]["moe"][name])(rng)
+    """The leaf a fresh `init` would give (same key derivation), compiled once per config."""
+    return _init_leaf(rng, cfg=ml_collections.FrozenConfigDict(cfg), name=name)
 
 
 def upcycle(dense_params, moe_cfg, rng, *, noise: float = 0.0) -> dict:

@@ -1,9 +1,10 @@
 """The commands end to end: import-hf -> generate -> export-hf -> import-hf, and upcycle, through
 `olmoe` itself, against transformers; bad input is one error line and nothing written."""
+
 import jax
 import numpy as np
 import pytest
-from conftest import build_hf, hf_logits, rel_err, write_tiny_tokenizer
+from hf_reference import build_hf, hf_logits, rel_err, write_tiny_tokenizer
 
 from launch.cli import main
 from olmoe_jax.model import transformer
@@ -36,8 +37,18 @@ def test_import_generate_export_roundtrip(tmp_path, capsys, tokens):
     assert "tokenizer.json copied" in stdout and (w / "tokenizer" / "tokenizer.json").exists()
     assert rel_err(_logits(w, tokens), hf_logits(model, tokens)) <= 1e-5
 
-    code, stdout, err = _olmoe(capsys, "generate", "--workdir", w, "--prompt", "the cat", "--prompt",
-                               "hello world, hello", "--max-new-tokens", 6)
+    code, stdout, err = _olmoe(
+        capsys,
+        "generate",
+        "--workdir",
+        w,
+        "--prompt",
+        "the cat",
+        "--prompt",
+        "hello world, hello",
+        "--max-new-tokens",
+        6,
+    )
     assert code == 0, err
     assert "--- 'the cat'" in stdout and "tokens/s" in err
 
@@ -47,6 +58,7 @@ def test_import_generate_export_roundtrip(tmp_path, capsys, tokens):
     np.testing.assert_array_equal(hf_logits(back, tokens), hf_logits(model, tokens))
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(out))
     from tokenizers import Tokenizer
+
     ours = Tokenizer.from_file(str(hf / "tokenizer.json"))
     for text in ("the cat sat", "hello moe experts"):
         assert hf_tok.encode(text, add_special_tokens=False) == ours.encode(text).ids
@@ -61,8 +73,20 @@ def test_upcycle_hf_olmo_and_our_dense(tmp_path, capsys, tokens):
     dense = build_hf("olmo", hf)
     ref = hf_logits(dense, tokens)
     up = tmp_path / "up"
-    code, stdout, err = _olmoe(capsys, "upcycle", "--hf", hf, "--workdir", up, "--num-experts", 4, "--top-k", 2,
-                               "--norm-topk-prob", *DENSE_REF)
+    code, stdout, err = _olmoe(
+        capsys,
+        "upcycle",
+        "--hf",
+        hf,
+        "--workdir",
+        up,
+        "--num-experts",
+        4,
+        "--top-k",
+        2,
+        "--norm-topk-prob",
+        *DENSE_REF,
+    )
     assert code == 0, err
     cfg = load_config(up)
     assert (cfg.model.ffn_type, cfg.model.num_experts, cfg.model.expert_dim) == ("moe", 4, 44)
@@ -70,20 +94,38 @@ def test_upcycle_hf_olmo_and_our_dense(tmp_path, capsys, tokens):
 
     w, up2 = tmp_path / "w", tmp_path / "up2"
     assert _olmoe(capsys, "import-hf", "--hf", hf, "--workdir", w, *DENSE_REF)[0] == 0
-    code, _, err = _olmoe(capsys, "upcycle", "--from", w, "--workdir", up2, "--num-experts", 3, "--top-k", 1,
-                          "--noise", 0.5)
+    code, _, err = _olmoe(
+        capsys,
+        "upcycle",
+        "--from",
+        w,
+        "--workdir",
+        up2,
+        "--num-experts",
+        3,
+        "--top-k",
+        1,
+        "--noise",
+        0.5,
+    )
     assert code == 0, err
     moe = load_params(up2)["layers"]["moe"]["w_down"]
     assert moe.shape == (2, 3, 44, 36) and not np.array_equal(moe[:, 0], moe[:, 1])
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["import-hf", "--hf", "{tmp}/missing"], "no such folder"),
-    (["import-hf", "--hf", "{tmp}/hf", "--set", "model.nope=1"], "unknown config key model.nope"),
-    (["upcycle", "--hf", "{tmp}/hf", "--num-experts", "4"], "needs a dense model"),
-    (["export-hf", "--out", "{tmp}/o"], "does not exist"),
-    (["generate", "--prompt", "x"], "does not exist"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["import-hf", "--hf", "{tmp}/missing"], "no such folder"),
+        (
+            ["import-hf", "--hf", "{tmp}/hf", "--set", "model.nope=1"],
+            "unknown config key model.nope",
+        ),
+        (["upcycle", "--hf", "{tmp}/hf", "--num-experts", "4"], "needs a dense model"),
+        (["export-hf", "--out", "{tmp}/o"], "does not exist"),
+        (["generate", "--prompt", "x"], "does not exist"),
+    ],
+)
 def test_bad_input_is_one_error_line_and_writes_nothing(tmp_path, capsys, argv, message):
     build_hf("k1_mha_norm_tied", tmp_path / "hf")
     workdir = tmp_path / "w"

@@ -1,9 +1,10 @@
 """Parity with transformers: HF -> ours (logits), ours -> HF (transformers loads it, same logits),
 and HF -> ours -> HF -> ours bit-exact, for several OLMoE shapes and the dense architectures."""
+
 import jax
 import numpy as np
 import pytest
-from conftest import DENSE_CONFIGS, OLMOE_CONFIGS, build_hf, hf_logits, rel_err
+from hf_reference import DENSE_CONFIGS, OLMOE_CONFIGS, build_hf, hf_logits, rel_err
 from safetensors import safe_open
 
 from olmoe_jax.interop.hf_export import export_hf
@@ -18,7 +19,10 @@ def _ours(params, cfg, tokens):
 
 
 def _assert_same_params(a, b):
-    flat_a, flat_b = jax.tree_util.tree_flatten_with_path(a)[0], jax.tree_util.tree_flatten_with_path(b)[0]
+    flat_a, flat_b = (
+        jax.tree_util.tree_flatten_with_path(a)[0],
+        jax.tree_util.tree_flatten_with_path(b)[0],
+    )
     assert [p for p, _ in flat_a] == [p for p, _ in flat_b]
     for (path, x), (_, y) in zip(flat_a, flat_b):
         assert np.asarray(x).dtype == np.asarray(y).dtype, path
@@ -60,6 +64,7 @@ def test_export_layout_is_per_expert(tmp_path, base_cfg):
 def test_import_fused_layout(tmp_path, base_cfg, tokens):
     """transformers 5's in-memory layout (gate_up_proj [E, 2F, D], down_proj [E, D, F])."""
     from safetensors.torch import save_file
+
     model = build_hf("k3_mqa_norm_theta", tmp_path / "hf")
     fused = tmp_path / "fused"
     fused.mkdir()
@@ -80,8 +85,12 @@ def test_bf16_export(tmp_path, base_cfg, tokens):
     with safe_open(str(tmp_path / "bf16" / "model.safetensors"), "np") as f:
         assert str(f.get_tensor("lm_head.weight").dtype) == "bfloat16"
     _, back = import_hf(str(tmp_path / "bf16"), base_cfg)  # read back into float32 params
-    rounded = jax.tree.map(lambda x: np.asarray(x).astype(jax.numpy.bfloat16).astype(np.float32), params)
+    rounded = jax.tree.map(
+        lambda x: np.asarray(x).astype(jax.numpy.bfloat16).astype(np.float32), params
+    )
     _assert_same_params(rounded, back)
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "bf16"), dtype="float32")
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(tmp_path / "bf16"), dtype="float32"
+    )
     ours = _ours(back, cfg, tokens)
     assert rel_err(ours, hf_logits(model.eval(), tokens)) <= 1e-5

@@ -1,4 +1,5 @@
 """Exported tokenizer files load in transformers and give our ids and text back."""
+
 import glob
 import os
 import pathlib
@@ -11,9 +12,22 @@ from olmoe_jax.interop.hf_tokenizer import write_tokenizer_files
 
 transformers = pytest.importorskip("transformers")
 # The real OLMoE GPT-NeoX tokenizer, in ../shared beside the repository (as tests/data uses it).
-REFERENCE = str(pathlib.Path(__file__).resolve().parents[3] / "shared/reference/tokenizer/gpt-neox-olmo-dolma-v1_5.json")
-EDGE_CASES = ["naïve café — 日本語 😀 \u0301", "  two leading", "trailing   ", "a    b\t\tc", " ", "x\n\n\ny",
-              "\t\tindented\n    code = 12345 + 678", "ÀÉÎõü" * 3, "tab\there", "emoji🙂🙃 mix"]
+REFERENCE = str(
+    pathlib.Path(__file__).resolve().parents[3]
+    / "shared/reference/tokenizer/gpt-neox-olmo-dolma-v1_5.json"
+)
+EDGE_CASES = [
+    "naïve café — 日本語 😀 \u0301",
+    "  two leading",
+    "trailing   ",
+    "a    b\t\tc",
+    " ",
+    "x\n\n\ny",
+    "\t\tindented\n    code = 12345 + 678",
+    "ÀÉÎõü" * 3,
+    "tab\there",
+    "emoji🙂🙃 mix",
+]
 
 
 def _stdlib_chunks(start, stop):
@@ -35,13 +49,18 @@ def test_sentencepiece_converts_exactly(tmp_path):
     ours = SentencePieceTokenizer(proto)
     cfg = default_config()
     cfg.data.tokenizer = "sentencepiece"
-    assert write_tokenizer_files(cfg, ours, str(tmp_path)) == ["tokenizer.json", "tokenizer_config.json"]
+    assert write_tokenizer_files(cfg, ours, str(tmp_path)) == [
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
     held_out = _stdlib_chunks(50, 90)
     assert len(held_out) > 2000
     _check(ours, tmp_path, held_out + EDGE_CASES)
 
 
-@pytest.mark.skipif(not os.path.isfile(REFERENCE), reason="the OLMoE reference tokenizer is not here")
+@pytest.mark.skipif(
+    not os.path.isfile(REFERENCE), reason="the OLMoE reference tokenizer is not here"
+)
 def test_hf_tokenizer_json_is_copied(tmp_path):
     cfg = default_config()
     cfg.data.update(tokenizer="hf", tokenizer_path=REFERENCE)

@@ -1,9 +1,12 @@
 """Sparse upcycling: at initialisation the MoE computes the dense model's function when the top-k
-weights are renormalised; without renormalisation its FFN is scaled by the top-k probability mass."""
+weights are renormalised; without renormalisation its FFN is scaled by the top-k probability mass.
+"""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hf_reference import random_params
 
 from olmoe_jax.config import ConfigError, default_config
 from olmoe_jax.interop.upcycle import upcycle, upcycle_config
@@ -14,10 +17,20 @@ from olmoe_jax.model.moe import moe_block
 @pytest.fixture(scope="module")
 def dense():
     c = default_config()
-    c.model.update(vocab_size=71, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=32,
-                   ffn_type="dense", mlp_dim=44, moe_impl="dense", init_std=0.2)
+    c.model.update(
+        vocab_size=71,
+        d_model=32,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        max_seq_len=32,
+        ffn_type="dense",
+        mlp_dim=44,
+        moe_impl="dense",
+        init_std=0.2,
+    )
     c.data.seq_len = 32
-    return c, jax.jit(lambda r: transformer.init(c, r))(jax.random.PRNGKey(0))
+    return c, random_params(c)
 
 
 TOKENS = np.random.RandomState(1).randint(0, 71, (2, 13)).astype(np.int32)
@@ -65,7 +78,9 @@ def test_router_fresh_and_noise_reinitialises_a_fraction(dense):
     router = np.asarray(clean["layers"]["moe"]["router"])
     assert router.shape == (2, 32, 4) and 0.15 < router.std() < 0.25  # init_std 0.2, truncated
     w = np.asarray(clean["layers"]["moe"]["w_up"])
-    assert all(np.array_equal(w[:, e], np.asarray(params["layers"]["mlp"]["w_up"])) for e in range(4))
+    assert all(
+        np.array_equal(w[:, e], np.asarray(params["layers"]["mlp"]["w_up"])) for e in range(4)
+    )
     changed = np.asarray(noisy["layers"]["moe"]["w_up"]) != w
     assert 0.45 < changed.mean() < 0.55
     assert not np.array_equal(changed[:, 0], changed[:, 1])  # experts now differ from each other
