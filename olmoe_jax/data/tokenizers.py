@@ -61,6 +61,11 @@ class SentencePieceTokenizer(Tokenizer):
                             "or set data.eos_id")
         self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else self.eos_id
 
+    @property
+    def model_proto(self) -> bytes:
+        """The serialized SentencePiece model (what a .model file holds)."""
+        return self._proto
+
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text)
 
@@ -199,12 +204,17 @@ class PreTokenized(Tokenizer):
         return f"ids{self.vocab_size}-eos{self.eos_id}"
 
 
-class _WithEos(Tokenizer):
+class WithEos(Tokenizer):
     """Another tokenizer with `data.eos_id` as its EOS."""
 
     def __init__(self, inner: Tokenizer, eos_id: int):
         self._inner, self.eos_id = inner, eos_id
         self.vocab_size, self.pad_id = inner.vocab_size, inner.pad_id
+
+    @property
+    def inner(self) -> Tokenizer:
+        """The tokenizer whose EOS was replaced (its files are the vocabulary's files)."""
+        return self._inner
 
     def encode(self, text: str) -> list[int]:
         return self._inner.encode(text)
@@ -249,7 +259,7 @@ def make_tokenizer(cfg) -> Tokenizer:
     else:
         raise DataError(f"data.tokenizer={d.tokenizer!r} is not one of sentencepiece, hf, none")
     if d.eos_id >= 0 and d.eos_id != tok.eos_id:
-        tok = _WithEos(tok, d.eos_id)
+        tok = WithEos(tok, d.eos_id)
     if tok.vocab_size > vocab:
         raise DataError(
             f"the tokenizer has {tok.vocab_size} ids but model.vocab_size={vocab}; raise "

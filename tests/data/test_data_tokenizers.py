@@ -101,4 +101,5 @@ def test_eos_override_changes_the_fingerprint(builtin_cfg, spm_tokenizer):
     cfg.data.eos_id = 5
     tok = make_tokenizer(cfg)
     assert tok.eos_id == 5 and tok.fingerprint != spm_tokenizer.fingerprint
+    assert tok.inner.model_proto == spm_tokenizer.model_proto
     assert tok.encode("def f(x):\n") == spm_tokenizer.encode("def f(x):\n")
