@@ -12,7 +12,8 @@ Backends:
              The CPU default: measured (benchmarks/gmm_cpu.py) within ~1.3x of one dense matmul
              of the same FLOPs, forward and backward, where `jax.lax.ragged_dot` on XLA:CPU
              computes every group for every row (tens of times slower).
-  pallas     the project's kernels (gmm_pallas.py), Mosaic-TPU block rules, interpret on CPU.
+  pallas     the project's kernels (gmm_pallas.py): Mosaic style on TPU, Triton style on GPU,
+             interpret mode on CPU.
   megablox   jax's megablox gmm/tgmm (TPU kernels; interpret mode elsewhere).
   ragged_dot jax.lax.ragged_dot; XLA:GPU lowers it to a grouped GEMM, so the GPU default.
   tokamax    tokamax.ragged_dot if the optional package is installed (not a dependency).
@@ -92,10 +93,13 @@ def _xla_tgmm(lhs_GK, dout_GN, tile_expert, tile_valid, num_experts, *, tm):
 # ------------------------------------------------- tiled backends share one custom_vjp
 
 def _tiled_ops(impl: str, interpret: bool):
+    """impl: xla | pallas (Mosaic style) | pallas_gpu (Triton style)."""
     if impl == "xla":
         return _xla_gmm, _xla_tgmm
-    return (functools.partial(gmm_pallas.gmm, interpret=interpret),
-            functools.partial(gmm_pallas.tgmm, interpret=interpret))
+    fwd, tfwd = ((gmm_pallas.gmm_gpu, gmm_pallas.tgmm_gpu) if impl == "pallas_gpu"
+                 else (gmm_pallas.gmm, gmm_pallas.tgmm))
+    return (functools.partial(fwd, interpret=interpret),
+            functools.partial(tfwd, interpret=interpret))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
@@ -132,21 +136,27 @@ def gmm(lhs_GK, rhs_EKN, padded_sizes_E, *, tm: int, backend: str = "auto",
     lhs_GK: [G, K], G a multiple of tm, in the layout `permute` writes.
     rhs_EKN: [E, K, N], same dtype as lhs; the output has lhs's dtype (f32 accumulation).
     padded_sizes_E: [E] int32, each a multiple of tm, summing to at most G.
-    platform: picks `auto` and whether Pallas kernels are interpreted (default: jax's backend).
+    platform: the platform to pick kernels for (`auto`, and the Pallas style: Triton on gpu,
+      Mosaic otherwise); default jax's backend. Pallas kernels are interpreted when jax runs
+      on CPU, so tests can run the GPU style here with platform="gpu".
     """
     G, K = lhs_GK.shape
     if G % tm:
         raise ValueError(f"gmm: lhs rows {G} are not a multiple of the tile size tm={tm}")
     if rhs_EKN.ndim != 3 or rhs_EKN.shape[1] != K:
         raise ValueError(f"gmm: rhs must be [E, K={K}, N], got {rhs_EKN.shape}")
+    interpret = jax.default_backend() == "cpu"
     platform = platform or jax.default_backend()
     if backend == "auto":
         backend = default_backend(platform)
     padded_sizes_E = padded_sizes_E.astype(jnp.int32)
-    if backend in ("xla", "pallas"):
-        return _tiled_gmm(lhs_GK, rhs_EKN, padded_sizes_E, tm, backend, platform != "tpu")
+    if backend == "xla":
+        return _tiled_gmm(lhs_GK, rhs_EKN, padded_sizes_E, tm, "xla", interpret)
+    if backend == "pallas":
+        impl = "pallas_gpu" if platform == "gpu" else "pallas"
+        return _tiled_gmm(lhs_GK, rhs_EKN, padded_sizes_E, tm, impl, interpret)
     if backend == "megablox":
-        return _megablox(lhs_GK, rhs_EKN, padded_sizes_E, tm, interpret=platform != "tpu")
+        return _megablox(lhs_GK, rhs_EKN, padded_sizes_E, tm, interpret=interpret)
     if backend == "ragged_dot":
         out = jax.lax.ragged_dot(lhs_GK, rhs_EKN, padded_sizes_E,
                                  preferred_element_type=jnp.float32)

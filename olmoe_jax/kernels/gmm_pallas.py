@@ -1,22 +1,34 @@
-"""The project's Pallas grouped-matmul kernels on tile-padded groups.
+"""The project's Pallas grouped-matmul kernels on tile-padded groups, in two styles.
 
 Every `tm`-row tile of the lhs belongs to one expert (the groups are padded to multiples of
-`tm` by `permute`), so a kernel never splits a tile between experts: the expert of each tile
-is a scalar-prefetched table that drives the rhs BlockSpec's index map. The block shapes
-follow Mosaic-TPU's rules (last two block dims multiples of (8, 128) or the full dims), and
-the kernels run with `interpret=True` on CPU for tests. Scalar prefetch is a Mosaic-TPU
-feature: the Triton (GPU) lowering does not take it, which is why `gmm.py` sends GPUs to
-`ragged_dot` (XLA:GPU lowers it to a grouped GEMM) rather than here.
+`tm` by `permute`), so a kernel never splits a tile between experts.
+
+Mosaic style (`gmm`, `tgmm`; TPU, and interpret mode on CPU): the expert of each tile is a
+scalar-prefetched table that drives the rhs BlockSpec's index map, so the pipeline DMAs the
+right weight block. Block shapes follow Mosaic-TPU's rules (last two dims multiples of
+(8, 128) or the full dims). The weight gradient accumulates an expert's tiles over
+consecutive grid steps into one resident output block.
+
+Triton style (`gmm_gpu`, `tgmm_gpu`; GPU): Triton has no scalar prefetch, but every ref is a
+pointer into global memory, so the kernel reads the tile's expert id itself and indexes the
+whole weight array with it. GPU programs run in no fixed order, so the weight gradient gives
+each (expert, K block, N block) to one program that loops over that expert's tiles. Triton
+wants power-of-two block dims: tm, K, N and the tile tables (padded here) should be powers
+of two. Both styles lower for their platform from this CPU machine (tests/kernels/
+test_lowering.py); neither has been compiled or timed on an accelerator here.
 
 Shapes: lhs [G, K] with G = num_tiles * tm; rhs [E, K, N]; tile_expert, tile_valid
 [num_tiles] int32. Rows of invalid (tail) tiles get zero output.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as pltriton
 
 
 def _lane_block(n: int) -> int:
@@ -103,3 +115,80 @@ def tgmm(lhs_GK, dout_GN, tile_expert, tile_valid, num_experts: int, *, tm: int,
             dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=interpret,
     )(tile_expert, tile_valid, lhsT_KG, dout_GN)
+
+
+# ----------------------------------------------------------------- Triton (GPU) style
+
+def _pad_pow2(a_X):
+    n = a_X.shape[0]
+    return jnp.pad(a_X, (0, (1 << max(0, (n - 1).bit_length())) - n))
+
+
+def _whole(shape):
+    return pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
+
+
+def _gpu_params(interpret):
+    return None if interpret else pltriton.CompilerParams()
+
+
+def _gmm_gpu_kernel(tn, tile_expert_ref, tile_valid_ref, lhs_ref, rhs_ref, out_ref):
+    i, j = pl.program_id(0), pl.program_id(1)
+    w_KN = rhs_ref[tile_expert_ref[i], :, pl.ds(j * tn, tn)]
+    acc = jnp.dot(lhs_ref[...], w_KN, preferred_element_type=jnp.float32)
+    out_ref[...] = jnp.where(tile_valid_ref[i] != 0, acc, 0.0).astype(out_ref.dtype)
+
+
+def gmm_gpu(lhs_GK, rhs_EKN, tile_expert, tile_valid, *, tm: int, interpret: bool):
+    """As `gmm`, Triton style."""
+    G, K = lhs_GK.shape
+    N = rhs_EKN.shape[2]
+    tn = min(N, 128)
+    te, tv = _pad_pow2(tile_expert), _pad_pow2(tile_valid)
+    return pl.pallas_call(
+        functools.partial(_gmm_gpu_kernel, tn),
+        grid=(G // tm, N // tn),
+        in_specs=[_whole(te.shape), _whole(tv.shape),
+                  pl.BlockSpec((tm, K), lambda i, j: (i, 0)), _whole(rhs_EKN.shape)],
+        out_specs=pl.BlockSpec((tm, tn), lambda i, j: (i, j)),
+        out_shape=jax.ShapeDtypeStruct((G, N), lhs_GK.dtype),
+        compiler_params=_gpu_params(interpret),
+        interpret=interpret,
+    )(te, tv, lhs_GK, rhs_EKN)
+
+
+def _tgmm_gpu_kernel(tm, tk, tn, first_tile_ref, num_tiles_ref, lhs_ref, dout_ref, out_ref):
+    e, a, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    first = first_tile_ref[e]
+
+    def tile(t, acc_KN):
+        rows = pl.ds((first + t) * tm, tm)
+        x_tK = lhs_ref[rows, pl.ds(a * tk, tk)]
+        d_tN = dout_ref[rows, pl.ds(b * tn, tn)]
+        return acc_KN + jax.lax.dot_general(x_tK, d_tN, (((0,), (0,)), ((), ())),
+                                            preferred_element_type=jnp.float32)
+
+    out_ref[...] = jax.lax.fori_loop(0, num_tiles_ref[e], tile,
+                                     jnp.zeros(out_ref.shape, jnp.float32))
+
+
+def tgmm_gpu(lhs_GK, dout_GN, tile_expert, tile_valid, num_experts: int, *, tm: int,
+             interpret: bool):
+    """As `tgmm` (f32 [E, K, N]), Triton style; experts without tiles come out zero."""
+    G, K = lhs_GK.shape
+    N = dout_GN.shape[1]
+    tk, tn = min(K, 128), min(N, 128)
+    # Per expert: its first tile and number of valid tiles (tiles are sorted by expert).
+    live = tile_valid != 0
+    num_tiles_E = jnp.zeros((num_experts,), jnp.int32).at[tile_expert].add(live.astype(jnp.int32))
+    first_tile_E = jnp.cumsum(num_tiles_E) - num_tiles_E
+    ft, nt = _pad_pow2(first_tile_E), _pad_pow2(num_tiles_E)
+    return pl.pallas_call(
+        functools.partial(_tgmm_gpu_kernel, tm, tk, tn),
+        grid=(num_experts, K // tk, N // tn),
+        in_specs=[_whole(ft.shape), _whole(nt.shape), _whole((G, K)), _whole((G, N))],
+        out_specs=pl.BlockSpec((None, tk, tn), lambda e, a, b: (e, a, b)),
+        out_shape=jax.ShapeDtypeStruct((num_experts, K, N), jnp.float32),
+        compiler_params=_gpu_params(interpret),
+        interpret=interpret,
+    )(ft, nt, lhs_GK, dout_GN)

@@ -50,7 +50,7 @@ def _forward(logits_TE, k, renormalize, impl, interpret) -> RouterOut:
         return router_reference(logits_TE, k, renormalize)
     if impl == "pallas":
         w, idx, lse, counts, psum = router_pallas.route_topk(
-            logits_TE, k, renormalize, interpret=interpret)
+            logits_TE, k, renormalize, interpret=interpret, platform=jax.default_backend())
         return RouterOut(w, idx, counts, psum / logits_TE.shape[0], lse)
     raise ValueError(f"router: unknown impl {impl!r}; expected xla or pallas")
 

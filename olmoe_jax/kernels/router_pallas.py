@@ -4,7 +4,10 @@ One grid step routes a block of `bt` tokens with all E logits in registers: the 
 logsumexp (z-loss), k rounds of arg-max (k <= 8 for OLMoE, static), and the block's per-expert
 slot counts and probability sums. The statistics go out per block ([num_blocks, 1, E]) and
 are summed by the caller, so no grid step depends on another (the grid is parallel).
-Plain BlockSpecs only (no scalar prefetch): the same kernel suits Mosaic-TPU and Triton.
+Plain BlockSpecs only (no scalar prefetch): the same kernel lowers for Mosaic-TPU and, asked
+for explicitly, Triton (jax 0.10 otherwise picks Mosaic-GPU for GPUs, whose pallas_call
+lowering rejects reductions along an axis). Triton wants power-of-two blocks: E and k should
+be powers of two on GPU (OLMoE: 64 and 8).
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
 
 
 def _router_kernel(num_tokens, k, renormalize, logits_ref, w_ref, idx_ref, lse_ref,
@@ -51,7 +55,7 @@ def _router_kernel(num_tokens, k, renormalize, logits_ref, w_ref, idx_ref, lse_r
 
 
 def route_topk(logits_TE, k: int, renormalize: bool, *, block_tokens: int = 256,
-               interpret: bool):
+               interpret: bool, platform: str = "tpu"):
     """(weights_Tk f32, idx_Tk int32, lse_T f32, counts_E int32, prob_sum_E f32)."""
     T, E = logits_TE.shape
     bt = min(block_tokens, -(-T // 8) * 8)  # a multiple of 8 sublanes
@@ -71,6 +75,7 @@ def route_topk(logits_TE, k: int, renormalize: bool, *, block_tokens: int = 256,
                    jax.ShapeDtypeStruct((nb * bt, 1), jnp.float32),
                    jax.ShapeDtypeStruct((nb, 1, E), jnp.int32),
                    jax.ShapeDtypeStruct((nb, 1, E), jnp.float32)],
+        compiler_params=pltriton.CompilerParams() if platform == "gpu" and not interpret else None,
         interpret=interpret,
     )(logits)
     return w[:T], idx[:T], lse[:T, 0], jnp.sum(counts, axis=(0, 1)), jnp.sum(psum, axis=(0, 1))

@@ -46,9 +46,14 @@ def loop_reference(lhs, rhs, dout, padded_E):
 
 
 def run(backend, lhs, rhs, dout, padded_E, tm, dtype):
+    # "pallas_gpu": the Triton-style Pallas kernels, interpreted here.
+    platform = "gpu" if backend == "pallas_gpu" else None
+    backend = "pallas" if backend == "pallas_gpu" else backend
+
     @jax.jit  # one compilation instead of many eagerly dispatched ops
     def fwd_bwd(a, b, sizes, d):
-        out, vjp = jax.vjp(lambda a, b: gmm(a, b, sizes, tm=tm, backend=backend), a, b)
+        out, vjp = jax.vjp(
+            lambda a, b: gmm(a, b, sizes, tm=tm, backend=backend, platform=platform), a, b)
         return (out, *vjp(d))
 
     out, dlhs, drhs = fwd_bwd(jnp.asarray(lhs, dtype), jnp.asarray(rhs, dtype),
@@ -73,8 +78,13 @@ DTYPE_CASES = ([(jnp.float32, c) for c in CASES]
                + [(jnp.bfloat16, "ragged_with_empty"), (jnp.bfloat16, "tile_multiples")])
 
 
-@pytest.mark.parametrize("backend", ["xla", "pallas", "ragged_dot"])
-@pytest.mark.parametrize("dtype,case", DTYPE_CASES)
+BACKEND_CASES = ([(b, d, c) for b in ("xla", "pallas", "ragged_dot") for d, c in DTYPE_CASES]
+                 + [("pallas_gpu", jnp.float32, "ragged_with_empty"),
+                    ("pallas_gpu", jnp.float32, "random_skewed"),
+                    ("pallas_gpu", jnp.bfloat16, "tile_multiples")])
+
+
+@pytest.mark.parametrize("backend,dtype,case", BACKEND_CASES)
 def test_backend_matches_loop(backend, case, dtype):
     sizes, K, N, tm = CASES[case]
     rng = np.random.default_rng(zlib.crc32(f"{backend}/{case}".encode()))
