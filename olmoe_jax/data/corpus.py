@@ -95,7 +95,8 @@ def _chunks(text: str, boundary: str) -> Iterator[str]:
 
 
 def _code_chunks(text: str) -> Iterator[str]:
-    """Cuts source at top-level statements once a chunk has CHUNK_CHARS, at any line past 2x."""
+    """Cuts source at a line starting in column 0 (mostly a top-level statement) once a chunk
+    has CHUNK_CHARS, and at any line past twice that; chunks need not parse on their own."""
     piece: list[str] = []
     size = 0
     for line in text.splitlines(keepends=True):
