@@ -61,6 +61,31 @@ def _batched_apply(params, tokens_BT, cache, cfg):
     return fn(params, tokens_BT, cache)
 
 
+def _nucleus_floor(probs_BV, top_p):
+    """[B, 1]: the smallest probability in each row's nucleus (the fewest most likely tokens whose
+    mass reaches top_p), i.e. the largest t with mass(p >= t) >= top_p.
+
+    Positive float32s order like their int32 bit patterns, so a bisection over the bits finds t
+    exactly in 32 passes of O(V); sorting a 50k vocabulary every step is several times slower
+    on CPU.
+    """
+    bits = jax.lax.bitcast_convert_type(probs_BV, jnp.int32)
+
+    def mass(t_B):
+        return jnp.sum(jnp.where(bits >= t_B[:, None], probs_BV, 0.0), axis=-1)
+
+    def step(_, lo_hi):  # invariant: mass(lo) >= top_p (or lo == 0: keep all), mass(hi) < top_p
+        lo, hi = lo_hi
+        mid = lo + (hi - lo) // 2
+        ok = mass(mid) >= top_p
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+    lo = jnp.zeros(bits.shape[:1], jnp.int32)
+    hi = jnp.max(bits, axis=-1) + 1
+    lo, _ = jax.lax.fori_loop(0, 32, step, (lo, hi))
+    return jax.lax.bitcast_convert_type(lo, jnp.float32)[:, None]
+
+
 def sample(logits_BV, rng, temperature, top_p, *, greedy: bool):
     """Next token per row [B] int32 from float32 logits [B, V].
 
@@ -70,13 +95,10 @@ def sample(logits_BV, rng, temperature, top_p, *, greedy: bool):
     if greedy:
         return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
     logits_BV = logits_BV / temperature
-    sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
-    probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
-    # Keep a token if the tokens before it have not yet reached top_p (the first always is);
-    # top_p == 1 keeps all, even where the float cumsum reaches 1 before the last token.
-    keep_BV = ((jnp.cumsum(probs_BV, axis=-1) - probs_BV) < top_p) | (top_p >= 1.0)
-    threshold_B1 = jnp.min(jnp.where(keep_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
-    logits_BV = jnp.where(logits_BV >= threshold_B1, logits_BV, -jnp.inf)
+    probs_BV = jax.nn.softmax(logits_BV, axis=-1)
+    # top_p == 1 keeps every token, even where the float sum of probabilities falls short of 1.
+    keep_BV = (probs_BV >= _nucleus_floor(probs_BV, top_p)) | (top_p >= 1.0)
+    logits_BV = jnp.where(keep_BV, logits_BV, -jnp.inf)
     return jax.random.categorical(rng, logits_BV, axis=-1).astype(jnp.int32)
 
 

@@ -110,3 +110,18 @@ def test_rejects_bad_requests(model):
         generate(params, cfg, [[]], max_new_tokens=4, eos_id=None)
     with pytest.raises(ValueError, match="top_p"):
         generate(params, cfg, PROMPTS, max_new_tokens=4, eos_id=None, top_p=0.0)
+
+
+def test_nucleus_floor_matches_the_sorted_definition():
+    """The bisection finds exactly the set a sort would: the fewest top tokens reaching top_p."""
+    from olmoe_jax.eval.generate import _nucleus_floor
+
+    logits = np.random.RandomState(0).standard_normal((64, 301)).astype(np.float32) * 3
+    probs = np.asarray(jax.nn.softmax(jnp.asarray(logits), axis=-1))
+    for top_p in (0.05, 0.5, 0.9, 0.99):
+        floor = np.asarray(_nucleus_floor(jnp.asarray(probs), top_p))
+        for row, f in zip(probs, floor[:, 0]):
+            order = np.argsort(-row, kind="stable")
+            before = np.cumsum(row[order]) - row[order]
+            want = set(order[before < top_p].tolist())
+            assert set(np.flatnonzero(row >= f).tolist()) == want, top_p
