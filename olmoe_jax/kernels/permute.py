@@ -11,7 +11,8 @@ unpermute: y[t] = sum_j w[t, j] * buf[dest_row[t, j]]                    [G, D] 
 Each is the other's transpose, which is how their custom_vjps are written: the backward of
 permute is an unweighted unpermute, the backward of unpermute a weighted permute (plus the
 weight gradient <dy[t], buf[dest_row[t, j]]>). `impl="xla"` uses gathers; `impl="pallas"` the
-row kernels of permute_pallas.py (interpret=True off TPU).
+row kernels of permute_pallas.py: Mosaic-TPU (scalar prefetch, which Triton lacks, so not for
+GPUs), interpreted when jax runs on CPU.
 """
 from __future__ import annotations
 
@@ -141,4 +142,4 @@ def unpermute(buf_GD, w_Tk, layout: Layout, *, impl: str = "xla", interpret: boo
 
 
 def _interpret(interpret: bool | None) -> bool:
-    return jax.default_backend() != "tpu" if interpret is None else interpret
+    return jax.default_backend() == "cpu" if interpret is None else interpret

@@ -89,9 +89,9 @@ def router(logits_TE, k: int, *, renormalize: bool = False, impl: str = "xla",
            interpret: bool | None = None) -> RouterOut:
     """Routes T tokens by their logits [T, E] (float32): top-k of softmax(logits).
 
-    impl: "xla" (reference forward) or "pallas" (the fused kernel; interpret=True off TPU by
-    default). Both use the analytic backward above.
+    impl: "xla" (reference forward) or "pallas" (the fused kernel: Mosaic on TPU, Triton on
+    GPU, interpreted when jax runs on CPU). Both use the analytic backward above.
     """
     if interpret is None:
-        interpret = jax.default_backend() != "tpu"
+        interpret = jax.default_backend() == "cpu"
     return _router(logits_TE, k, renormalize, impl, interpret)

@@ -47,9 +47,10 @@ def dropless_experts(p, x_TD, r: Routing, cfg):
     idx_Tk, w_Tk = r.expert_N.reshape(T, k), r.weight_N.reshape(T, k)
     tm = tile_rows(T * k, E)
     layout = kernels.make_layout(idx_Tk, E, tm)
-    # The project's row kernels serve only the all-Pallas path; elsewhere XLA's gathers are
-    # at least as fast as a one-row-per-step kernel.
-    row_impl = "pallas" if m.moe_backend == "pallas" else "xla"
+    # The project's row kernels serve only the all-Pallas path (they are Mosaic-TPU kernels,
+    # interpreted on CPU); elsewhere XLA's gathers are at least as fast as one row per step.
+    use_rows = m.moe_backend == "pallas" and jax.default_backend() in ("tpu", "cpu")
+    row_impl = "pallas" if use_rows else "xla"
     buf_GD = kernels.permute(x_TD, layout, impl=row_impl)
     out_GD = _swiglu_grouped(buf_GD, p, layout.padded_sizes_E, tm, m.moe_backend, x_TD.dtype)
     return kernels.unpermute(out_GD, w_Tk, layout, impl=row_impl)
