@@ -8,17 +8,20 @@ give zero output and zero gradient. So each tm-row tile belongs to exactly one e
 which is what the `xla` and `pallas` backends exploit.
 
 Backends:
-  xla        a scan over tiles, each a [tm, K] @ [K, N] matmul with its expert's weight.
-             The CPU default: measured (benchmarks/gmm_cpu.py) within ~1.3x of one dense matmul
-             of the same FLOPs, forward and backward, where `jax.lax.ragged_dot` on XLA:CPU
-             computes every group for every row (tens of times slower).
+  xla        a scan over tiles, each a [tm, K] @ [K, N] matmul with its expert's weight
+             (slack tiles skipped by a cond). The CPU default: forward + backward measured
+             (benchmarks/gmm_cpu.py, tm=128) at 1.2-1.7x one dense matmul of the unpadded
+             FLOPs, the rest being group padding; `jax.lax.ragged_dot` on XLA:CPU computes
+             every group for every row (58x dense there). Batching tiles with per-tile gathered
+             weights measured slower (the weight copies), and so did tm = 64.
   pallas     the project's kernels (gmm_pallas.py): Mosaic style on TPU, Triton style on GPU,
              interpret mode on CPU.
   megablox   jax's megablox gmm/tgmm (TPU kernels; interpret mode elsewhere).
   ragged_dot jax.lax.ragged_dot; XLA:GPU lowers it to a grouped GEMM, so the GPU default.
   tokamax    tokamax.ragged_dot if the optional package is installed (not a dependency).
-`auto`: cpu -> xla, tpu -> megablox (maintained, tuned; `pallas` is the fallback to compare
-against), gpu -> ragged_dot.
+`auto`: cpu -> xla; tpu -> megablox (maintained and tuned by the jax team; `pallas` is the
+alternative to compare on hardware); gpu -> ragged_dot (XLA's own grouped GEMM, no extra
+dependency; the Triton-style `pallas` kernels and tokamax's are untimed here: no GPU).
 """
 from __future__ import annotations
 
