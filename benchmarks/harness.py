@@ -50,15 +50,22 @@ def match_torch_threads() -> int:
 # -------------------------------------------------------------------------------- timing
 
 def time_fn(fn: Callable[[], Any], *, warmup: int = 2, iters: int = 5) -> dict:
-    """Seconds per call of `fn` (which must block until its work is done): median, min, all."""
+    """Seconds per call of `fn` (which must block until its work is done): median, min, all
+    (wall clock), and the median CPU seconds the process used per call (all its threads).
+
+    On a shared machine the wall time grows with the other load while the CPU time mostly
+    does not, so cpu_s / threads hints at the quiet-machine time; the wall time is the result.
+    """
     for _ in range(warmup):
         fn()
-    times = []
+    times, cpu = [], []
     for _ in range(iters):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
         times.append(time.perf_counter() - t0)
-    return {"median_s": statistics.median(times), "min_s": min(times), "times_s": times}
+        cpu.append(time.process_time() - c0)
+    return {"median_s": statistics.median(times), "min_s": min(times), "times_s": times,
+            "cpu_s": statistics.median(cpu)}
 
 
 def jax_call(f, *args) -> Callable[[], Any]:
@@ -66,6 +73,30 @@ def jax_call(f, *args) -> Callable[[], Any]:
     import jax
 
     return lambda: jax.block_until_ready(f(*args))
+
+
+class CompileCounter:
+    """Counts XLA compilations while active (`with CompileCounter() as c: ...; c.count`): a
+    step that recompiles on its second call shows up here, whatever the jit wrapper is."""
+
+    EVENT = "/jax/core/compile/backend_compile_duration"
+
+    def __enter__(self):
+        from jax import monitoring
+
+        self.count = 0
+
+        def listener(event, duration, **_):
+            if event == self.EVENT:
+                self.count += 1
+        self._listener = listener
+        monitoring.register_event_duration_secs_listener(listener)
+        return self
+
+    def __exit__(self, *exc):
+        from jax import monitoring
+
+        monitoring.unregister_event_duration_listener(self._listener)
 
 
 def gemm_peak(n: int = 2048, iters: int = 7) -> dict:
@@ -207,8 +238,24 @@ def _t(a):
 # -------------------------------------------------------------------------------- memory
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident set size so far (Linux reports ru_maxrss in KiB)."""
+    """This process's peak resident set size since it started (ru_maxrss, in KiB on Linux)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_window_peak_rss() -> None:
+    """Starts a new peak-RSS window (Linux: writing 5 to /proc/self/clear_refs resets VmHWM;
+    ru_maxrss is not affected), so that compilation and imports stay out of a step's peak."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def window_peak_rss_bytes() -> int:
+    """Peak RSS since the last reset_window_peak_rss (VmHWM)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def rss_bytes() -> int:

@@ -28,8 +28,6 @@ import optax  # noqa: E402
 
 from olmoe_jax.config import head_dim  # noqa: E402
 from olmoe_jax.model import layers, losses, moe, transformer  # noqa: E402
-from olmoe_jax.parallel.mesh import make_mesh  # noqa: E402
-from olmoe_jax.train import step as step_lib  # noqa: E402
 from olmoe_jax.train.optimizer import make_optimizer  # noqa: E402
 
 
@@ -58,62 +56,62 @@ def main(argv=None):
     flops = ts.model_flops_per_step(cfg)
     print(f"Step breakdown ({m.moe_impl}/{m.moe_backend}); GEMM peak {peak / 1e9:.1f} GFLOP/s", flush=True)
 
-    rows = []
+    rows, times = [], {}
 
-    def add(name, t, fl=None, note=""):
+    def add(key, name, t, fl=None, note=""):
+        times[key] = t["median_s"]
         row = {"name": name, "median_s": t["median_s"], "min_s": t["min_s"], "iters": len(t["times_s"]),
-               "note": note}
+               "cpu_s": t["cpu_s"], "note": note}
         if fl:
             row.update(gflop=fl / 1e9, at_peak_s=fl / peak, vs_peak=t["median_s"] * peak / fl)
         rows.append(row)
         print(f"  {name}: {t['median_s']:.3f} s" + (f" ({row['vs_peak']:.2f} x the time at peak)" if fl else ""),
               flush=True)
 
-    mesh = make_mesh(cfg)
-    tx = make_optimizer(cfg)
-    sh = step_lib.state_shardings(cfg, mesh, tx)
-    state = step_lib.init_state(cfg, tx, sh)
-    batch = step_lib.global_batch(ts.make_batch(cfg), mesh)
-    step = step_lib.make_train_step(cfg, mesh, tx, sh)
+    state, batch, step, _ = ts.library_step(cfg)
     box = {"s": state}
 
     def call():
         box["s"], metrics = step(box["s"], batch)
         jax.block_until_ready((box["s"], metrics))
-    add("whole step (jit, donated state)", harness.time_fn(call, iters=args.iters), flops["total"],
-        note=f"jit cache entries after {2 + args.iters} calls: {step._cache_size()} (1 = no recompiles)")
+    call()  # compiles
+    with harness.CompileCounter() as compiles:
+        t = harness.time_fn(call, warmup=1, iters=args.iters)
+    add("step", "whole step (jit, donated state)", t, flops["total"],
+        note=f"compilations after the first call: {compiles.count}")
     params = box["s"].params
+    tx = make_optimizer(cfg)
 
     loss = jax.jit(lambda p, b: losses.loss_fn(p, b, cfg)[0])
-    add("loss forward", harness.time_fn(harness.jax_call(loss, params, batch), iters=args.iters), flops["total"] / 3)
+    add("fwd", "loss forward", harness.time_fn(harness.jax_call(loss, params, batch), iters=args.iters), flops["total"] / 3)
     grad = jax.jit(jax.grad(lambda p, b: losses.loss_fn(p, b, cfg)[0]))
-    add("loss forward + backward", harness.time_fn(harness.jax_call(grad, params, batch), iters=args.iters),
+    add("grad", "loss forward + backward", harness.time_fn(harness.jax_call(grad, params, batch), iters=args.iters),
         flops["total"])
     g = grad(params, batch)
     opt_state = box["s"].opt_state
     update = jax.jit(lambda g, o, p: optax.apply_updates(p, tx.update(g, o, p)[0]))
-    add("optimizer update (clip + AdamW)", harness.time_fn(harness.jax_call(update, g, opt_state, params),
+    add("opt", "optimizer update (clip + AdamW)", harness.time_fn(harness.jax_call(update, g, opt_state, params),
                                                            iters=args.iters))
 
     # The MoE model's dense twin: one SwiGLU of width k*F per layer, the same active FLOPs.
     dcfg = ts.bench_config(args.set + ["model.ffn_type=dense", f"model.mlp_dim={m.top_k * m.expert_dim}"])
     dparams = transformer.init(dcfg, jax.random.PRNGKey(0))
     dgrad = jax.jit(jax.grad(lambda p, b: losses.loss_fn(p, b, dcfg)[0]))
-    add(f"dense twin (SwiGLU {m.top_k * m.expert_dim}) forward + backward",
+    add("dense", f"dense twin (SwiGLU {m.top_k * m.expert_dim}) forward + backward",
         harness.time_fn(harness.jax_call(dgrad, dparams, batch), iters=args.iters), flops["total"])
 
     # One layer's parts alone, on activations of the step's shape.
     lay = jax.tree.map(lambda a: a[0], params["layers"])
     x = jax.random.normal(jax.random.PRNGKey(1), (B, S, D))
     pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
-    attn_p = {k: v for k, v in lay.items() if k not in ("moe", "mlp_norm")}
+    attn_p = {k: v for k, v in lay.items() if k not in ("moe", "mlp_norm", "attn_norm")}
     attn = fwd_bwd(lambda p, x: layers.attention(p, x, pos, cfg)[0])
     A = m.num_heads * head_dim(cfg)
     attn_fl = 3 * (2 * N * D * (2 * A + 2 * m.num_kv_heads * head_dim(cfg)) + 4 * B * m.num_heads * S * S * head_dim(cfg))
-    add(f"attention, one layer (x{m.num_layers})", harness.time_fn(harness.jax_call(attn, attn_p, x, x),
+    add("attn", f"attention, one layer (x{m.num_layers})", harness.time_fn(harness.jax_call(attn, attn_p, x, x),
                                                                  iters=args.iters), attn_fl)
     block = fwd_bwd(lambda p, x: moe.moe_block(p, x, cfg)[0])
-    add(f"MoE block, one layer (x{m.num_layers})", harness.time_fn(harness.jax_call(block, lay["moe"], x, x),
+    add("moe", f"MoE block, one layer (x{m.num_layers})", harness.time_fn(harness.jax_call(block, lay["moe"], x, x),
                                                                  iters=args.iters), ml.expert_flops(cfg, N))
     tgt = batch["targets"]
 
@@ -121,14 +119,14 @@ def main(argv=None):
         logits = jnp.einsum("btd,dv->btv", x, w, preferred_element_type=jnp.float32)
         return losses.cross_entropy(logits, tgt, batch["loss_mask"])[0]
     head = jax.jit(jax.grad(head_loss, argnums=(0, 1)))
-    add("lm_head + cross-entropy", harness.time_fn(harness.jax_call(head, params["lm_head"], x), iters=args.iters),
+    add("head", "lm_head + cross-entropy", harness.time_fn(harness.jax_call(head, params["lm_head"], x), iters=args.iters),
         flops["lm_head"])
 
-    parts = {r["name"]: r["median_s"] for r in rows}
-    notes = [f"Sum of the parts (L x attention + L x MoE + lm_head/CE + optimizer): "
-             f"{m.num_layers * (parts[f'attention, one layer (x{m.num_layers})'] + parts[f'MoE block, one layer (x{m.num_layers})']) + parts['lm_head + cross-entropy'] + parts['optimizer update (clip + AdamW)']:.3f} s "
-             f"against {parts['whole step (jit, donated state)']:.3f} s for the whole step (norms, RoPE, embedding, "
-             f"residuals and the router losses are not in the parts)."]
+    t = times
+    parts_s = m.num_layers * (t["attn"] + t["moe"]) + t["head"] + t["opt"]
+    notes = [f"Sum of the parts (L x attention + L x MoE block + lm_head/CE + optimizer): {parts_s:.3f} s, "
+             f"against {t['step']:.3f} s for the whole step (norms, embedding, residuals and the "
+             f"router losses are not in the parts)."]
     result = {
         "description": (f"Parts of train_step.py's step ({m.moe_impl}/{m.moe_backend}, batch {B} x {S}), each "
                         f"jitted alone; 'x at peak' = time / (its matmul FLOPs / GEMM peak "
@@ -136,7 +134,7 @@ def main(argv=None):
         "gemm_peak_flops_per_s": peak, "model_flops": flops, "notes": notes, "machine": machine,
     }
     harness.write_results(args.name, result, rows, [
-        ("name", "part"), ("median_s", "median s"), ("min_s", "min s"), ("iters", "n"), ("gflop", "GFLOP"),
+        ("name", "part"), ("median_s", "median s"), ("min_s", "min s"), ("iters", "n"), ("cpu_s", "CPU s"), ("gflop", "GFLOP"),
         ("at_peak_s", "s at GEMM peak"), ("vs_peak", "x at peak"), ("note", "note")])
     return result
 

@@ -79,24 +79,36 @@ def make_batch(cfg, seed: int = 0):
 
 # --------------------------------------------------------------------------------- workers
 
-def jax_worker(args) -> dict:
+def library_step(cfg):
+    """(state, batch, step, lowered) from olmoe_jax.train.step: the real training path. `step`
+    is what the training loop calls; `lowered` is the same jit, lowered, for XLA's memory
+    analysis. The one place here that knows the step module's API."""
+    from olmoe_jax.parallel.mesh import make_mesh
+    from olmoe_jax.parallel import rules
+    from olmoe_jax.train import step as step_lib
+
     import jax
 
-    from olmoe_jax.parallel.mesh import make_mesh
-    from olmoe_jax.train import step as step_lib
-    from olmoe_jax.train.optimizer import make_optimizer
+    mesh = make_mesh(cfg)
+    shardings = step_lib.state_shardings(cfg, mesh)
+    state = step_lib.init_state(cfg, shardings)
+    batch = step_lib.global_batch(make_batch(cfg), mesh)
+    step = step_lib.make_train_step(cfg, mesh, shardings)
+    # make_train_step's own jit (a closure) cannot be lowered from outside: rebuild it.
+    lowered = jax.jit(step_lib.train_step, static_argnums=2, donate_argnums=0,
+                      in_shardings=(shardings, rules.batch_sharding(mesh)),
+                      out_shardings=(shardings, rules.replicated(mesh))).lower(state, batch, step_lib.frozen(cfg))
+    return state, batch, step, lowered
+
+
+def jax_worker(args) -> dict:
+    import jax
 
     base_rss = harness.rss_bytes()
     cfg = bench_config(args.set)
     peak = harness.gemm_peak()
-    mesh = make_mesh(cfg)
-    tx = make_optimizer(cfg)
-    shardings = step_lib.state_shardings(cfg, mesh, tx)
-    state = step_lib.init_state(cfg, tx, shardings)
-    batch = step_lib.global_batch(make_batch(cfg), mesh)
-    step = step_lib.make_train_step(cfg, mesh, tx, shardings)
-    compiled = step.lower(state, batch).compile()
-    ma = compiled.memory_analysis()
+    state, batch, step, lowered = library_step(cfg)
+    ma = lowered.compile().memory_analysis()
     mem = {k: int(getattr(ma, k + "_in_bytes")) for k in
            ("argument_size", "output_size", "temp_size", "alias_size", "generated_code_size")}
     mem["xla_peak_estimate"] = mem["argument_size"] + mem["output_size"] + mem["temp_size"] - mem["alias_size"]
@@ -104,12 +116,16 @@ def jax_worker(args) -> dict:
     box = {"state": state}
 
     def call():  # the step donates its input state: thread it through
-        box["state"], metrics = compiled(box["state"], batch)
+        box["state"], metrics = step(box["state"], batch)
         jax.block_until_ready((box["state"], metrics))
         box["metrics"] = metrics
 
-    t = harness.time_fn(call, warmup=args.warmup, iters=args.iters)
+    call()  # the first call compiles
+    harness.reset_window_peak_rss()
+    with harness.CompileCounter() as compiles:
+        t = harness.time_fn(call, warmup=args.warmup - 1, iters=args.iters)
     return {"timing": t, "gemm_peak": peak, "xla_memory": mem, "loss_last": float(box["metrics"]["loss"]),
+            "recompiles_after_first_call": compiles.count, "steps_peak_rss": harness.window_peak_rss_bytes(),
             "rss_after_imports": base_rss, "peak_rss": harness.peak_rss_bytes(),
             "devices": [str(d) for d in jax.devices()]}
 
@@ -135,9 +151,11 @@ def torch_worker(args) -> dict:
         opt.step()
         out["loss"] = float(res.loss)
 
-    t = harness.time_fn(call, warmup=args.warmup, iters=args.iters)
+    call()  # the first step allocates the optimizer state
+    harness.reset_window_peak_rss()
+    t = harness.time_fn(call, warmup=args.warmup - 1, iters=args.iters)
     return {"timing": t, "threads": threads, "loss_last": out["loss"], "rss_after_imports": base_rss,
-            "peak_rss": harness.peak_rss_bytes(),
+            "steps_peak_rss": harness.window_peak_rss_bytes(), "peak_rss": harness.peak_rss_bytes(),
             "attn_implementation": model.config._attn_implementation,
             "experts_implementation": model.config._experts_implementation}
 
@@ -179,7 +197,7 @@ def main(argv=None):
     ap.add_argument("--set", action="append", default=[], help="config override, e.g. model.moe_backend=xla")
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--torch-iters", type=int, default=3)
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=2, help="calls before timing, the compiling one included")
     ap.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
     ap.add_argument("--hf-dir", help=argparse.SUPPRESS)
     ap.add_argument("--name", default="train_step")
@@ -210,15 +228,16 @@ def main(argv=None):
     def row(name, w, note):
         s = w["timing"]["median_s"]
         return {"name": name, "step_s": s, "min_s": w["timing"]["min_s"], "iters": len(w["timing"]["times_s"]),
-                "tokens_per_s": tokens / s, "mfu": flops["total"] / s / peak,
-                "peak_rss_mib": w["peak_rss"] / 2**20,
-                "rss_growth_mib": (w["peak_rss"] - w["rss_after_imports"]) / 2**20, "note": note}
+                "cpu_s": w["timing"]["cpu_s"], "tokens_per_s": tokens / s, "mfu": flops["total"] / s / peak,
+                "steps_peak_rss_mib": w["steps_peak_rss"] / 2**20, "peak_rss_mib": w["peak_rss"] / 2**20,
+                "imports_rss_mib": w["rss_after_imports"] / 2**20, "note": note}
 
     mem = ours["xla_memory"]
     rows = [row(f"ours ({m.moe_impl}/{m.moe_backend}, jit, donated)", ours,
                 f"XLA memory_analysis: {mem['xla_peak_estimate'] / 2**20:.0f} MiB "
                 f"(args {mem['argument_size'] / 2**20:.0f}, temp {mem['temp_size'] / 2**20:.0f}, "
-                f"aliased {mem['alias_size'] / 2**20:.0f})"),
+                f"aliased {mem['alias_size'] / 2**20:.0f}); recompiles after the first call: "
+                f"{ours['recompiles_after_first_call']}"),
             row("transformers OlmoeForCausalLM + torch AdamW", theirs,
                 f"attention {theirs['attn_implementation']}, experts {theirs['experts_implementation']}, "
                 f"{theirs['threads']} threads")]
@@ -235,15 +254,18 @@ def main(argv=None):
             f"{flops['active_nonembed_params'] / 1e6:.2f}M active non-embedding params x tokens + 12 x L x "
             f"heads x head_dim x seq x tokens (attention) + 6 x d_model x vocab x tokens (lm_head) = "
             f"{flops['total'] / 1e9:.1f} GFLOP; GEMM peak {peak / 1e9:.1f} GFLOP/s (jax f32 2048^3 matmul, "
-            f"median, measured in our worker). Memory: peak RSS of a fresh process per framework "
-            f"(ru_maxrss), and its growth over the RSS after imports."),
+            f"median, measured in our worker). Memory, one fresh process per framework: peak RSS "
+            f"during the timed steps (VmHWM, reset after the first step, so imports, init and "
+            f"compilation are out), the process's peak RSS (ru_maxrss, everything included) and the "
+            f"RSS after imports. CPU s = process CPU time per step, all threads."),
         "config": cfg.to_dict(), "model_flops": flops, "ours": ours, "transformers": theirs,
         "checks": checks, "targets": targets, "machine": machine,
     }
     harness.write_results(args.name, result, rows, [
         ("name", "step"), ("step_s", "median s/step"), ("min_s", "min s"), ("iters", "n"),
-        ("tokens_per_s", "tokens/s"), ("vs_transformers", "x transformers"), ("mfu", "MFU"),
-        ("peak_rss_mib", "peak RSS MiB"), ("rss_growth_mib", "RSS growth MiB"), ("note", "note")])
+        ("cpu_s", "CPU s/step"), ("tokens_per_s", "tokens/s"), ("vs_transformers", "x transformers"),
+        ("mfu", "MFU"), ("steps_peak_rss_mib", "peak RSS in steps MiB"), ("peak_rss_mib", "process peak RSS MiB"),
+        ("imports_rss_mib", "RSS after imports MiB"), ("note", "note")])
     return result
 
 
