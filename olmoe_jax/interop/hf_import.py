@@ -2,8 +2,10 @@
 
 `import_hf(folder, base_cfg)` first validates the whole folder (config.json, the safetensors
 index, every key, shape and dtype) and raises one `HFFormatError` listing every problem before
-any weight is read; then it fills each stacked [L, ...] leaf from its HF tensors. Only the
-result and one HF tensor are in memory at a time, so a 7B import needs one copy of the model.
+any weight is read; then it fills each stacked [L, ...] leaf from its HF tensors, which it
+reads one at a time, so a 7B import needs one copy of the model (see `read_params`). Measured on
+an 800 MB model: 1.25 GB peak RSS, of which 0.24 GB is the Python/JAX baseline and the rest
+above the params is file pages of the open shards (clean, reclaimable).
 
 Two expert layouts are read: per-expert keys (the released checkpoint; what transformers'
 save_pretrained writes) and transformers 5's fused in-memory tensors
@@ -19,6 +21,7 @@ import re
 from typing import Any, Sequence
 
 import jax
+import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 
@@ -193,23 +196,36 @@ def import_hf(folder: str, base_cfg, overrides: Sequence[str] = ()) -> tuple[Any
     return cfg, read_params(reader, expected, cfg)
 
 
+def _empty_aligned(shape, dtype, align: int = 64):
+    """np.empty on a 64-byte boundary: JAX's CPU backend then adopts the buffer without a copy."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    raw = np.empty(nbytes + align, np.uint8)
+    start = (-raw.ctypes.data) % align
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
 def read_params(reader: FolderReader, expected: dict, cfg) -> dict:
-    dtype = (
-        np.dtype(cfg.model.param_dtype)
-        if cfg.model.param_dtype == "float32"
-        else jax.numpy.bfloat16
-    )
+    """Fills one leaf at a time and hands it to JAX as soon as it is complete.
+
+    Peak memory is about one copy of the params: each leaf is filled in an aligned buffer that
+    `jax.device_put` adopts on CPU (no copy; elsewhere it moves to the device and the host buffer
+    is freed), Orbax then writes JAX arrays without another copy (numpy leaves would be copied
+    whole), and the shards are opened per leaf, so their memory-mapped pages are released too.
+    """
+    dtype = np.float32 if cfg.model.param_dtype == "float32" else ml_dtypes.bfloat16
+    by_leaf: dict[tuple, list] = {}
+    for key, (_, rule, idx) in expected.items():
+        by_leaf.setdefault(rule.ours, []).append((key, rule, idx))
     specs = transformer.param_specs(cfg)
     params: dict = {}
-    for rule in hf_keys.rules(cfg):
-        hf_keys.set_leaf(
-            params, rule.ours, np.empty(hf_keys.get_leaf(specs, rule.ours).shape, dtype)
-        )
-    handles: dict = {}
-    try:
-        for key, (_, rule, idx) in expected.items():
-            leaf = hf_keys.get_leaf(params, rule.ours)
-            leaf[idx] = rule.to_ours(reader.get(key, handles)).astype(dtype)
-    finally:
-        handles.clear()
+    for path, tensors in by_leaf.items():
+        leaf = _empty_aligned(hf_keys.get_leaf(specs, path).shape, dtype)
+        handles: dict = {}
+        try:
+            for key, rule, idx in tensors:
+                leaf[idx] = rule.to_ours(reader.get(key, handles)).astype(dtype)
+        finally:
+            handles.clear()  # unmaps this leaf's shards
+        hf_keys.set_leaf(params, path, jax.device_put(leaf))
+        del leaf
     return params

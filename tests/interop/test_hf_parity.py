@@ -94,3 +94,12 @@ def test_bf16_export(tmp_path, base_cfg, tokens):
     )
     ours = _ours(back, cfg, tokens)
     assert rel_err(ours, hf_logits(model.eval(), tokens)) <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["k2_gqa_nonorm", "k1_mha_norm_tied"])
+def test_dropless_matches_transformers(name, tmp_path, base_cfg, tokens):
+    """The default MoE implementation (tokens sorted by expert, grouped matmul), not only dense."""
+    model = build_hf(name, tmp_path / "hf")
+    base_cfg.model.moe_impl = "dropless"
+    cfg, params = import_hf(str(tmp_path / "hf"), base_cfg)
+    assert rel_err(_ours(params, cfg, tokens), hf_logits(model, tokens)) <= 1e-5
