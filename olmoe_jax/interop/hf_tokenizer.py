@@ -26,7 +26,7 @@ import json
 import os
 import shutil
 
-from olmoe_jax.data.tokenizers import SentencePieceTokenizer, Tokenizer
+from olmoe_jax.data.tokenizers import SentencePieceTokenizer, Tokenizer, WithEos
 
 HF_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -65,14 +65,12 @@ def write_tokenizer_files(cfg, tok: Tokenizer, folder: str) -> list[str]:
             written.append("tokenizer_config.json")
         return written
     if d.tokenizer == "sentencepiece":
-        inner = getattr(tok, "_inner", tok)  # data.eos_id may wrap it; the file is the same
+        inner = tok.inner if isinstance(tok, WithEos) else tok  # data.eos_id: same vocabulary
         if not isinstance(inner, SentencePieceTokenizer):
             raise TypeError(
                 f"expected a SentencePiece tokenizer for data.tokenizer=sentencepiece, got {tok!r}"
             )
-        proto = (
-            inner._proto
-        )  # pylint: disable=protected-access  (the data layer exposes no accessor)
+        proto = inner.model_proto
         spm_to_hf(proto).save(os.path.join(folder, "tokenizer.json"))
         _dump(
             dict(

@@ -68,3 +68,17 @@ def test_hf_tokenizer_json_is_copied(tmp_path):
     written = write_tokenizer_files(cfg, ours, str(tmp_path))
     assert "tokenizer.json" in written and "tokenizer_config.json" in written
     _check(ours, tmp_path, _stdlib_chunks(0, 5) + EDGE_CASES)
+
+
+def test_sentencepiece_with_configured_eos(tmp_path):
+    """data.eos_id replaces the SentencePiece EOS: the exported tokenizer names that piece."""
+    from olmoe_jax.data.tokenizers import make_tokenizer
+
+    (tmp_path / "spm.model").write_bytes(train_sentencepiece(_stdlib_chunks(0, 10), 400))
+    cfg = default_config()
+    cfg.model.vocab_size = 400
+    cfg.data.update(tokenizer="sentencepiece", tokenizer_path=str(tmp_path / "spm.model"), eos_id=5)
+    ours = make_tokenizer(cfg)
+    (tmp_path / "out").mkdir()
+    write_tokenizer_files(cfg, ours, str(tmp_path / "out"))
+    _check(ours, tmp_path / "out", _stdlib_chunks(10, 12))
