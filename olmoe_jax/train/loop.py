@@ -189,7 +189,7 @@ def _loop(cfg, workdir, data: Data, mesh, shardings, state, ckpt, t_start) -> di
     if data.eval_batches:
         val = evaluate(eval_step, state.params, data.eval_batches, mesh)
         writer.eval(int(jax.device_get(state.step)), val)
-        writer.message(_final_table(val, data.unigram_entropy))
+        writer.message(format_val_table(val, data.unigram_entropy))
     tps = timed_steps * tokens_per_step / timed_s if timed_s else None
     summary = {
         "step": int(jax.device_get(state.step)), "start_step": start,
@@ -202,7 +202,7 @@ def _loop(cfg, workdir, data: Data, mesh, shardings, state, ckpt, t_start) -> di
     return summary
 
 
-def _final_table(val: dict[str, float], entropy: dict[str, float]) -> str:
+def format_val_table(val: dict[str, float], entropy: dict[str, float]) -> str:
     """Final validation loss per domain beside the domain's unigram entropy (nats/token): a
     model that learnt nothing beyond token frequencies scores the entropy."""
     rows = [f"{'domain':<14}{'val loss':>10}{'unigram H':>11}"]

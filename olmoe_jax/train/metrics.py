@@ -105,8 +105,9 @@ class MetricsWriter:
         self.record({"kind": "start", "step": start_step, "total_steps": total_steps})
 
     def record(self, obj: dict[str, Any]) -> None:
+        """Appends one JSON line; every line carries its wall-clock time (unix seconds)."""
         if self._on:
-            self._jsonl.write(json.dumps(obj) + "\n")
+            self._jsonl.write(json.dumps({**obj, "time": time.time()}) + "\n")
             self._jsonl.flush()
 
     def train(self, step: int, scalars: dict[str, float], layers: dict[str, list]) -> None:
