@@ -63,12 +63,12 @@ def setup(tiny_cfg, variant, seed=0, T=12):
 
 
 def cases():
+    # Every backend on OLMoE's routing; the other routing variants on the CPU default (the
+    # backends see only the permuted rows, whatever routed them).
     for variant, (_, impls) in VARIANTS.items():
         for impl in impls:
-            for backend in (BACKENDS if impl == "dropless" and variant != "expert_choice"
-                            else ["auto"]):
-                if backend == "megablox" and variant != "token_choice":
-                    continue  # interpret mode is slow; one routing variant covers its wiring
+            tc_dropless = impl == "dropless" and variant == "token_choice"
+            for backend in (BACKENDS if tc_dropless else ["auto"]):
                 yield variant, impl, backend
 
 
@@ -97,7 +97,7 @@ def test_capacity_drops_are_reported_and_excluded(tiny_cfg):
     assert float(stats["dropped_frac"]) == float(stats_ref["dropped_frac"])
 
 
-@pytest.mark.parametrize("backend", ["xla", "pallas"])
+@pytest.mark.parametrize("backend", ["xla"])  # Pallas bf16: tests/kernels
 def test_dropless_bf16_within_rounding_of_f32_dense(tiny_cfg, backend):
     _, p, x, cot, (y32, _, g32) = setup(tiny_cfg, "token_choice")
     rel = lambda a, b: float(jnp.linalg.norm(a.astype(jnp.float32) - b) / jnp.linalg.norm(b))
@@ -119,11 +119,11 @@ def test_one_expert_takes_every_token(tiny_cfg):
     tiny_cfg.model.moe_impl = "dense"
     y_ref, stats, g_ref = value_and_grads(tiny_cfg, p, x, cot)
     assert int(stats["tokens_per_expert"][0]) == x.shape[0] * x.shape[1]
-    for backend in ("xla", "pallas"):
-        tiny_cfg.model.update(moe_impl="dropless", moe_backend=backend)
-        y, _, g = value_and_grads(tiny_cfg, p, x, cot)
-        np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(g[0]["w_down"], g_ref[0]["w_down"], rtol=1e-5, atol=1e-5)
+    tiny_cfg.model.update(moe_impl="dropless", moe_backend="xla")  # Pallas: tests/kernels
+    y, _, g = value_and_grads(tiny_cfg, p, x, cot)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    for name in ("w_gate", "w_up", "w_down", "router"):
+        np.testing.assert_allclose(g[0][name], g_ref[0][name], rtol=1e-5, atol=1e-5, err_msg=name)
 
 
 def test_tile_rows():
