@@ -1,4 +1,4 @@
-"""export-hf --step N reads the params out of a full training checkpoint (TrainState + optimizer)."""
+"""export-hf --step N reads the params out of a full training checkpoint (a TrainState)."""
 import jax
 import numpy as np
 import optax
@@ -25,7 +25,8 @@ def test_export_step_of_training_run(tmp_path, capsys):
     steps = {}
     for step, seed in ((10, 1), (20, 2)):
         params = jax.tree.map(np.asarray, random_params(cfg, seed))
-        ckpt.save(step, train_state.create(params, optax.adam(1e-3), jax.random.PRNGKey(0)), force=True)
+        state = train_state.create(params, optax.adam(1e-3), jax.random.PRNGKey(0))
+        ckpt.save(step, state, force=True)
         steps[step] = params
     ckpt.close()
 
