@@ -5,8 +5,9 @@ BlockSpec index maps, so the pipeline DMAs exactly the rows needed. Arrays are v
 [rows, 1, D] so a one-row block (1, D) equals the full trailing dims, which Mosaic-TPU's
 block rules accept for any D. One grid step per output row keeps them simple; a production
 TPU kernel would batch rows per step with manual DMAs. The index tables are scalar-prefetched
-whole into SMEM (8 bytes per buffer row), which bounds the buffer on TPU: about 10^4 rows fit,
-an OLMoE-1B layer's ~7x10^4 (8192 tokens x 8 + padding) is likely not to. Unchecked on a TPU.
+whole into SMEM (8 bytes per buffer row), so SMEM's size bounds the buffer on TPU: an
+OLMoE-1B layer at 8192 tokens (~7x10^4 rows) needs ~0.6 MB of tables, which may not fit.
+Unchecked on a TPU; the dropless MoE uses these only with model.moe_backend=pallas.
 interpret=True runs them on CPU.
 """
 from __future__ import annotations
