@@ -95,7 +95,8 @@ def main():
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}; fwd+bwd seconds, best of "
           f"{args.reps}", flush=True)
     results = [bench_config(c, backends, args.reps, args.tm) for c in args.configs.split(",")]
-    head = "| config | T x D, E top-k, F | dense | " + " | ".join(backends) + " | permute+unpermute |"
+    head = ("| config | T x D, E top-k, F | dense | " + " | ".join(backends)
+            + " | permute+unpermute |")
     print("\n" + head + "\n|" + "---|" * (head.count("|") - 1))
     for r in results:
         cells = " | ".join(f"{r[b + '_s']:.4f} s ({r[b + '_ratio']:.2f}x)" for b in backends)
