@@ -64,6 +64,12 @@ DENSE_CONFIGS = {
             rms_norm_eps=1e-6,
         ),
     ),
+    "llama_head_dim": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(vocab_size=101, hidden_size=32, intermediate_size=38, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, head_dim=12, rms_norm_eps=1e-5),
+    ),
     "olmo": (
         "OlmoConfig",
         "OlmoForCausalLM",
