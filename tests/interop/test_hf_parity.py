@@ -103,3 +103,18 @@ def test_dropless_matches_transformers(name, tmp_path, base_cfg, tokens):
     base_cfg.model.moe_impl = "dropless"
     cfg, params = import_hf(str(tmp_path / "hf"), base_cfg)
     assert rel_err(_ours(params, cfg, tokens), hf_logits(model, tokens)) <= 1e-5
+
+
+def test_transformers4_style_config(tmp_path, base_cfg, tokens):
+    """The released checkpoint's config.json is 4.x style: a top-level rope_theta, torch_dtype."""
+    import json
+
+    model = build_hf("k3_mqa_norm_theta", tmp_path / "hf")  # rope theta 500
+    path = tmp_path / "hf" / "config.json"
+    hf = json.loads(path.read_text())
+    hf.pop("rope_parameters")
+    hf.update(rope_theta=500.0, rope_scaling=None, torch_dtype=hf.pop("dtype", "float32"))
+    path.write_text(json.dumps(hf))
+    cfg, params = import_hf(str(tmp_path / "hf"), base_cfg)
+    assert cfg.model.rope_theta == 500.0
+    assert rel_err(_ours(params, cfg, tokens), hf_logits(model, tokens)) <= 1e-5
