@@ -83,9 +83,13 @@ class Checkpointer:
         steps = [s for s in self._mgr.all_steps() if "state" in step_items(self._workdir, s)]
         return max(steps) if steps else None
 
+    def should_save(self, step: int) -> bool:
+        """Whether `save(step, ...)` without force writes: every `save_every` steps."""
+        return step % self._save_every == 0
+
     def save(self, step: int, state, data_iter=None, force: bool = False) -> bool:
         """Saves state (and the iterator's position) at `step`; True if it wrote."""
-        if not force and step % self._save_every:
+        if not (force or self.should_save(step)):
             return False
         if step in self._mgr.all_steps():
             return False  # already saved (e.g. the end of a run that stopped on a save step)

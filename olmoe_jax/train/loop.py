@@ -125,8 +125,8 @@ def train_on(cfg, workdir, data: Data) -> dict[str, Any]:
     shardings = step_lib.state_shardings(cfg, mesh)
     ckpt = ckpt_lib.Checkpointer(workdir, keep=t.keep_ckpts, save_every=t.ckpt_every)
     try:
-        latest = ckpt.latest_step()
-        if mode == "resume" and latest is not None:
+        latest = ckpt.latest_step()  # not None when mode == "resume"
+        if mode == "resume":
             state = ckpt.restore(latest, step_lib.abstract_state(cfg, shardings), data.train_iter)
         elif mode == "params":
             params = ckpt_lib.load_params(workdir, shardings=shardings.params)
@@ -153,9 +153,14 @@ def _loop(cfg, workdir, data: Data, mesh, shardings, state, ckpt, t_start) -> di
     if start:
         writer.message(f"resumed from step {start} in {workdir}")
 
+    if start >= t.steps:
+        writer.message(f"{workdir} is at step {start}, train.steps={t.steps}: nothing to train; "
+                       "raise train.steps to continue")
+
     pending: list[dict] = []
     timed_steps, timed_s = 0, 0.0  # steps after the first (compile) one, for throughput
     t_log, last_log = None, start
+    paused = 0.0  # seconds of evaluation and checkpointing inside the current log interval
     scalars: dict[str, float] = {}
     val: dict[str, float] = {}
     for s in range(start + 1, t.steps + 1):
@@ -173,18 +178,22 @@ def _loop(cfg, workdir, data: Data, mesh, shardings, state, ckpt, t_start) -> di
         elif s % t.log_every == 0 or s == t.steps:
             scalars, layers = metrics_lib.summarize(pending)  # device_get: waits for the steps
             now = time.perf_counter()
-            n, dt = s - last_log, now - t_log
+            n, dt = s - last_log, now - t_log - paused
             timed_steps, timed_s = timed_steps + n, timed_s + dt
             tps = n * tokens_per_step / dt
             scalars.update(tokens_per_s=tps, mfu=tps * flops_per_token / peak,
                            eta_s=(t.steps - s) * dt / n, step_s=dt / n)
             writer.train(s, scalars, layers)
-            t_log, last_log, pending = now, s, []
-        if s % t.eval_every == 0 and s != t.steps and data.eval_batches:
-            writer.eval(s, evaluate(eval_step, state.params, data.eval_batches, mesh))
-            t_log = time.perf_counter()  # evaluation time is not training throughput
-        if ckpt.save(s, state, data.train_iter):
-            t_log = time.perf_counter() if t_log is not None else None
+            t_log, last_log, pending, paused = now, s, [], 0.0
+        do_eval = s % t.eval_every == 0 and s != t.steps and bool(data.eval_batches)
+        if do_eval or ckpt.should_save(s):
+            # Let the dispatched train steps finish first, so only eval / save time is paused.
+            jax.block_until_ready(state)
+            t0 = time.perf_counter()
+            if do_eval:
+                writer.eval(s, evaluate(eval_step, state.params, data.eval_batches, mesh))
+            ckpt.save(s, state, data.train_iter)
+            paused += time.perf_counter() - t0
     ckpt.save(int(jax.device_get(state.step)), state, data.train_iter, force=True)
     if data.eval_batches:
         val = evaluate(eval_step, state.params, data.eval_batches, mesh)
