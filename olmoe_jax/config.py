@@ -44,7 +44,7 @@ def default_config() -> ml_collections.ConfigDict:
     m.router_type = "token_choice"  # token_choice | expert_choice
     m.capacity_factor = 0.0  # >0: fixed expert capacity (tokens over it are dropped, counted)
     m.moe_impl = "dropless"  # dense | capacity | dropless
-    m.moe_backend = "auto"  # grouped-matmul backend for dropless: auto | xla | pallas | ragged_dot
+    m.moe_backend = "auto"  # dropless grouped matmul: auto | xla | pallas | ragged_dot | megablox | tokamax
     m.lb_loss_type = "olmoe"  # olmoe (megablocks, per layer, 1/k) | hf (transformers' pooled form)
     m.lb_loss_weight = 0.01
     m.z_loss_weight = 0.001
@@ -107,7 +107,7 @@ _CHOICES = {
     "model.ffn_type": ("moe", "dense"),
     "model.router_type": ("token_choice", "expert_choice"),
     "model.moe_impl": ("dense", "capacity", "dropless"),
-    "model.moe_backend": ("auto", "xla", "pallas", "ragged_dot", "megablox"),
+    "model.moe_backend": ("auto", "xla", "pallas", "ragged_dot", "megablox", "tokamax"),
     "model.lb_loss_type": ("olmoe", "hf"),
     "model.init": ("truncated_normal", "normal"),
     "model.param_dtype": ("float32", "bfloat16"),

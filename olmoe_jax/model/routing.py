@@ -14,6 +14,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from olmoe_jax import kernels
+
 
 class Routing(NamedTuple):
     token_N: jax.Array  # int32 token index in [0, T)
@@ -36,37 +38,22 @@ def route(logits_TE, cfg) -> Routing:
     """Routes T tokens given router logits [T, E] (float32) by `cfg.model.router_type`."""
     m = cfg.model
     logits_TE = logits_TE.astype(jnp.float32)
-    probs_TE = jax.nn.softmax(logits_TE, axis=-1)
-    z_loss = jnp.mean(jnp.square(jax.nn.logsumexp(logits_TE, axis=-1)))
-    prob_mean_E = jnp.mean(probs_TE, axis=0)
-    T, E = probs_TE.shape
-    k = m.top_k
-    top_w_Tk, top_idx_Tk = jax.lax.top_k(probs_TE, k)
-    top_idx_Tk = top_idx_Tk.astype(jnp.int32)
-    tokens_per_expert_E = jnp.sum(jax.nn.one_hot(top_idx_Tk, E, dtype=jnp.float32), axis=(0, 1))
-
     if m.router_type == "expert_choice":
-        C = capacity(T, E, k, m.capacity_factor)
-        # Each expert takes its C highest-probability tokens; a token may get 0..E experts.
-        ec_w_EC, ec_tok_EC = jax.lax.top_k(probs_TE.T, C)
-        token_N = ec_tok_EC.reshape(-1).astype(jnp.int32)
-        expert_N = jnp.repeat(jnp.arange(E, dtype=jnp.int32), C)
-        weight_N = ec_w_EC.reshape(-1)
-        kept_N = jnp.ones_like(token_N, bool)
-        routed_T = jnp.zeros((T,), bool).at[token_N].set(True)
-        dropped = 1.0 - jnp.mean(routed_T.astype(jnp.float32))
-        return Routing(token_N, expert_N, weight_N, kept_N, top_idx_Tk,
-                       jnp.full((E,), float(C), jnp.float32), prob_mean_E, z_loss, dropped)
-
-    if m.norm_topk_prob:
-        top_w_Tk = top_w_Tk / jnp.sum(top_w_Tk, axis=-1, keepdims=True)
+        return _expert_choice(logits_TE, cfg)
+    T, E = logits_TE.shape
+    k = m.top_k
+    # The fused router kernel (softmax, top-k, renormalisation, statistics; analytic backward).
+    # Its Pallas form runs where the MoE runs Pallas; XLA's elsewhere.
+    impl = "pallas" if m.moe_backend == "pallas" else "xla"
+    out = kernels.router(logits_TE, k, renormalize=m.norm_topk_prob, impl=impl)
+    z_loss = jnp.mean(jnp.square(out.lse_T))
     token_N = jnp.repeat(jnp.arange(T, dtype=jnp.int32), k)
-    expert_N = top_idx_Tk.reshape(-1)
-    weight_N = top_w_Tk.reshape(-1)
+    expert_N = out.idx_Tk.reshape(-1)
+    weight_N = out.weights_Tk.reshape(-1)
     if m.capacity_factor > 0:
         C = capacity(T, E, k, m.capacity_factor)
         # GShard priority: all first choices before any second choice, then token order.
-        order_kT = jnp.transpose(jax.nn.one_hot(top_idx_Tk, E, dtype=jnp.int32), (1, 0, 2))
+        order_kT = jnp.transpose(jax.nn.one_hot(out.idx_Tk, E, dtype=jnp.int32), (1, 0, 2))
         pos_kTE = jnp.cumsum(order_kT.reshape(k * T, E), axis=0).reshape(k, T, E) - 1
         pos_Tk = jnp.sum(jnp.transpose(pos_kTE * order_kT, (1, 0, 2)), axis=-1)
         kept_N = (pos_Tk < C).reshape(-1)
@@ -74,8 +61,28 @@ def route(logits_TE, cfg) -> Routing:
         kept_N = jnp.ones_like(token_N, bool)
     weight_N = jnp.where(kept_N, weight_N, 0.0)
     dropped = 1.0 - jnp.mean(kept_N.astype(jnp.float32))
+    return Routing(token_N, expert_N, weight_N, kept_N, out.idx_Tk,
+                   out.group_sizes_E.astype(jnp.float32), out.prob_mean_E, z_loss, dropped)
+
+
+def _expert_choice(logits_TE, cfg) -> Routing:
+    """Each expert takes its C highest-probability tokens; a token may get 0..E experts."""
+    m = cfg.model
+    T, E = logits_TE.shape
+    k = m.top_k
+    probs_TE = jax.nn.softmax(logits_TE, axis=-1)
+    z_loss = jnp.mean(jnp.square(jax.nn.logsumexp(logits_TE, axis=-1)))
+    top_idx_Tk = jax.lax.top_k(probs_TE, k)[1].astype(jnp.int32)  # preference, for analyses
+    C = capacity(T, E, k, m.capacity_factor)
+    ec_w_EC, ec_tok_EC = jax.lax.top_k(probs_TE.T, C)
+    token_N = ec_tok_EC.reshape(-1).astype(jnp.int32)
+    expert_N = jnp.repeat(jnp.arange(E, dtype=jnp.int32), C)
+    weight_N = ec_w_EC.reshape(-1)
+    kept_N = jnp.ones_like(token_N, bool)
+    routed_T = jnp.zeros((T,), bool).at[token_N].set(True)
+    dropped = 1.0 - jnp.mean(routed_T.astype(jnp.float32))
     return Routing(token_N, expert_N, weight_N, kept_N, top_idx_Tk,
-                   tokens_per_expert_E, prob_mean_E, z_loss, dropped)
+                   jnp.full((E,), float(C), jnp.float32), jnp.mean(probs_TE, axis=0), z_loss, dropped)
 
 
 def combine_matrix(r: Routing, num_tokens: int, num_experts: int):
