@@ -230,14 +230,37 @@ def corpus_builder(data_dir: str = "") -> OlmoeBuiltinCorpus:
     """The builder, prepared under `<data_dir>/tfds` on first use (a few seconds)."""
     data_dir = default_data_dir(data_dir)
     tfds_dir = os.path.join(data_dir, "tfds")
-    builder = OlmoeBuiltinCorpus(data_dir=tfds_dir, file_format="array_record")
-    if not builder.is_prepared():  # cheap check first, then the lock for the slow path
+    with _quiet_tfds():
+        builder = OlmoeBuiltinCorpus(data_dir=tfds_dir, file_format="array_record")
+        prepared = builder.is_prepared()
+    if not prepared:  # cheap check first, then the lock for the slow path
         with file_lock(data_dir, "corpus"):
-            builder = OlmoeBuiltinCorpus(data_dir=tfds_dir, file_format="array_record")
-            if not builder.is_prepared():
-                builder.download_and_prepare(
-                    download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+            with _quiet_tfds():
+                builder = OlmoeBuiltinCorpus(data_dir=tfds_dir, file_format="array_record")
+                prepared = builder.is_prepared()
+            if not prepared:
+                print(f"preparing the built-in corpus in {tfds_dir} (first use only)", flush=True)
+                with _quiet_tfds():
+                    builder.download_and_prepare(
+                        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
     return builder
+
+
+@contextlib.contextmanager
+def _quiet_tfds():
+    """TFDS's progress bars, "downloading" banners and absl notes about its temporary folders
+    say nothing to a user of a local corpus: keep only errors (exceptions still propagate)."""
+    from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
+
+    level = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    tfds.disable_progress_bar()
+    try:
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+            yield
+    finally:
+        tfds.enable_progress_bar()
+        absl_logging.set_verbosity(level)
 
 
 def read_split(data_dir: str, split: str,
