@@ -212,10 +212,10 @@ def _loop(cfg, workdir, data: Data, mesh, shardings, state, ckpt, t_start) -> di
 
 
 def format_val_table(val: dict[str, float], entropy: dict[str, float]) -> str:
-    """Final validation loss per domain beside the domain's unigram entropy (nats/token): a
+    """Validation loss per domain beside the domain's unigram entropy (nats/token): a
     model that learnt nothing beyond token frequencies scores the entropy."""
     rows = [f"{'domain':<14}{'val loss':>10}{'unigram H':>11}"]
     for d, v in val.items():
         h = entropy.get(d)
         rows.append(f"{d:<14}{v:>10.4f}{h:>11.4f}" if h is not None else f"{d:<14}{v:>10.4f}{'-':>11}")
-    return "final validation loss (nats/token)\n" + "\n".join(rows)
+    return "validation loss (nats/token)\n" + "\n".join(rows)
