@@ -92,7 +92,11 @@ class Checkpointer:
         if not (force or self.should_save(step)):
             return False
         if step in self._mgr.all_steps():
-            return False  # already saved (e.g. the end of a run that stopped on a save step)
+            self._mgr.wait_until_finished()  # an async save of this step may still be writing
+            if "state" in step_items(self._workdir, step):
+                return False  # already saved (e.g. the end of a run that stopped on a save step)
+            raise ConfigError(f"{Path(self._workdir) / CHECKPOINTS / str(step)} already holds a params-only "
+                              "checkpoint; move it away or train in another workdir")
         items = {"state": ocp.args.StandardSave(state)}
         if data_iter is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iter)
