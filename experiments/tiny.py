@@ -15,8 +15,8 @@ def _tiny():
                    compute_dtype="float32", remat="none")
     c.data.update(source="builtin", tokenizer="sentencepiece", seq_len=256, batch_size=16,
                   eval_batches=4)
-    c.optim.update(lr=3e-3, warmup_steps=50, weight_decay=0.1)
-    c.train.update(steps=600, log_every=10, eval_every=200, ckpt_every=200)
+    c.optim.update(lr=3e-3, warmup_steps=30, weight_decay=0.1)
+    c.train.update(steps=300, log_every=10, eval_every=100, ckpt_every=100)
     c.mesh.update(data=-1)
     return c
 
