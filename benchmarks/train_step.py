@@ -196,7 +196,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--set", action="append", default=[], help="config override, e.g. model.moe_backend=xla")
     ap.add_argument("--iters", type=int, default=5)
-    ap.add_argument("--torch-iters", type=int, default=3)
+    ap.add_argument("--torch-iters", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2, help="calls before timing, the compiling one included")
     ap.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
     ap.add_argument("--hf-dir", help=argparse.SUPPRESS)
