@@ -64,7 +64,7 @@ def data(cfg, *, fail_at_batch: int | None = None) -> Data:
                 unigram_entropy={"synthetic": float(np.log(cfg.model.vocab_size))})
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def synthetic():
     """The helpers above: tiny_config(**overrides), dataset(cfg, ...), data(cfg, ...), CrashAt."""
     return types.SimpleNamespace(tiny_config=tiny_config, dataset=dataset, data=data, CrashAt=CrashAt)

@@ -17,12 +17,11 @@ CKPT_EVERY = 10
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
+def uninterrupted(tmp_path_factory, synthetic):
     """30 steps in one go (checkpoints at 10, 20, 30): the reference for the other tests."""
-    import conftest  # pylint: disable=import-outside-toplevel  # the module-scoped fixture cannot take `synthetic`
-    cfg = conftest.tiny_config(**{"train.ckpt_every": CKPT_EVERY})
+    cfg = synthetic.tiny_config(**{"train.ckpt_every": CKPT_EVERY})
     wd = tmp_path_factory.mktemp("uninterrupted")
-    data = conftest.data(cfg)
+    data = synthetic.data(cfg)
     summary = loop.train_on(cfg, str(wd), data)
     return cfg, str(wd), data, summary
 
