@@ -148,8 +148,9 @@ def _loop(cfg, workdir, data: Data, mesh, shardings, state, ckpt, t_start) -> di
     flops_per_token = metrics_lib.model_flops_per_token(cfg)
     peak, peak_how = metrics_lib.peak_flops(cfg)
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
-    writer.record({"kind": "setup", "mesh": dict(mesh.shape), "params": transformer.count_params(cfg),
-                   "model_flops_per_token": flops_per_token, "peak_flops": peak, "peak_flops_source": peak_how})
+    writer.record({"kind": "setup", "step": start, "mesh": dict(mesh.shape),
+                   "params": transformer.count_params(cfg), "model_flops_per_token": flops_per_token,
+                   "peak_flops": peak, "peak_flops_source": peak_how})
     if start:
         writer.message(f"resumed from step {start} in {workdir}")
 

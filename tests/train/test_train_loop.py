@@ -65,6 +65,10 @@ def test_metrics_are_logged(uninterrupted):
     # warmup 5 of a 30-step cosine to 0.1 x peak: the last update runs at the final lr
     assert last["lr"] == pytest.approx(cfg.optim.lr * cfg.optim.final_lr_ratio, rel=1e-6)
     assert _records(wd, "eval")[-1]["val_loss"] == summary["val_loss"]
+    with open(os.path.join(wd, "metrics.jsonl"), encoding="utf-8") as f:
+        records = [json.loads(line) for line in f]
+    assert {r["kind"] for r in records} == {"start", "setup", "train", "eval", "summary"}
+    assert all("step" in r and "time" in r for r in records)  # docs/interfaces.md
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(os.path.join(wd, "tb")))
     assert summary["tokens_per_s"] > 0 and 0 < summary["mfu"] < 1
 
