@@ -106,13 +106,13 @@ def _write(params, cfg, folder, np_dtype, dtype_name, eos_id, pad_id, shard_byte
             "metadata": {"total_size": total},
             "weight_map": {k: final[i] for k, i in weight_map.items()},
         }
-        _dump(index, os.path.join(folder, "model.safetensors.index.json"))
+        write_json(index, os.path.join(folder, "model.safetensors.index.json"))
 
-    _dump(
+    write_json(
         to_hf_config(cfg, dtype=dtype_name, eos_id=eos_id, pad_id=pad_id),
         os.path.join(folder, "config.json"),
     )
-    _dump(
+    write_json(
         {
             "_from_model_config": True,
             "bos_token_id": None,
@@ -123,7 +123,8 @@ def _write(params, cfg, folder, np_dtype, dtype_name, eos_id, pad_id, shard_byte
     )
 
 
-def _dump(obj, path):
+def write_json(obj, path) -> None:
+    """obj as sorted, indented JSON (how HF writes config and tokenizer files)."""
     with open(path, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
         f.write("\n")

@@ -22,11 +22,11 @@ config's data section points at them.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 
 from olmoe_jax.data.tokenizers import SentencePieceTokenizer, Tokenizer, WithEos
+from olmoe_jax.interop.hf_export import write_json
 
 HF_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -35,10 +35,23 @@ def _piece(tok: Tokenizer, token_id: int) -> str:
     return tok.decode([token_id]) if token_id >= 0 else ""
 
 
+def _write_config(cfg, folder: str, eos_token, pad_token) -> None:
+    """tokenizer_config.json naming EOS and pad, for a tokenizer.json written without one."""
+    write_json(
+        {
+            "model_max_length": cfg.model.max_seq_len,
+            "clean_up_tokenization_spaces": False,
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "eos_token": eos_token,
+            "pad_token": pad_token,
+        },
+        os.path.join(folder, "tokenizer_config.json"),
+    )
+
+
 def write_tokenizer_files(cfg, tok: Tokenizer, folder: str) -> list[str]:
     """Writes the tokenizer of `cfg.data` into the HF folder; returns the names written."""
     d = cfg.data
-    base = {"model_max_length": cfg.model.max_seq_len, "clean_up_tokenization_spaces": False}
     if d.tokenizer == "hf":
         src = d.tokenizer_path
         src_dir, src_file = (
@@ -53,15 +66,7 @@ def write_tokenizer_files(cfg, tok: Tokenizer, folder: str) -> list[str]:
                 shutil.copyfile(os.path.join(src_dir, name), os.path.join(folder, name))
                 written.append(name)
         if "tokenizer_config.json" not in written:
-            _dump(
-                dict(
-                    base,
-                    tokenizer_class="PreTrainedTokenizerFast",
-                    eos_token=_piece(tok, tok.eos_id),
-                    pad_token=_piece(tok, tok.pad_id),
-                ),
-                os.path.join(folder, "tokenizer_config.json"),
-            )
+            _write_config(cfg, folder, _piece(tok, tok.eos_id), _piece(tok, tok.pad_id))
             written.append("tokenizer_config.json")
         return written
     if d.tokenizer == "sentencepiece":
@@ -72,15 +77,7 @@ def write_tokenizer_files(cfg, tok: Tokenizer, folder: str) -> list[str]:
             )
         proto = inner.model_proto
         spm_to_hf(proto).save(os.path.join(folder, "tokenizer.json"))
-        _dump(
-            dict(
-                base,
-                tokenizer_class="PreTrainedTokenizerFast",
-                eos_token=_id_piece(proto, tok.eos_id),
-                pad_token=_id_piece(proto, tok.pad_id),
-            ),
-            os.path.join(folder, "tokenizer_config.json"),
-        )
+        _write_config(cfg, folder, _id_piece(proto, tok.eos_id), _id_piece(proto, tok.pad_id))
         return ["tokenizer.json", "tokenizer_config.json"]
     return []  # data.tokenizer=none: the data were token ids; there is no text side to export
 
@@ -194,8 +191,3 @@ def copy_hf_tokenizer(hf_folder: str, workdir: str, cfg) -> str | None:
             return f"SentencePiece {name} copied to {dest}"
     return None
 
-
-def _dump(obj, path):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
