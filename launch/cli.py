@@ -2,8 +2,8 @@
 
 Each subcommand module defines `add_arguments(parser)` and `run(args) -> int`. Modules are
 imported only when their subcommand runs, so `olmoe --help` and bad input answer fast.
-Any `ConfigError` or `DataError` (both ValueError subclasses carrying a user-facing message)
-becomes one line on stderr and exit code 2.
+A user error (`ConfigError`, `DataError`, `UsageError`: ValueError subclasses carrying a
+user-facing message; or a `FileNotFoundError`) becomes one line on stderr and exit code 2.
 """
 from __future__ import annotations
 
@@ -28,14 +28,10 @@ class UsageError(ValueError):
 
 
 def _user_errors():
-    from olmoe_jax.config import ConfigError  # pylint: disable=import-outside-toplevel
-    errors = [ConfigError, UsageError, FileNotFoundError]
-    try:
-        from olmoe_jax.data.errors import DataError  # pylint: disable=import-outside-toplevel
-        errors.append(DataError)
-    except ImportError:
-        pass
-    return tuple(errors)
+    # pylint: disable=import-outside-toplevel
+    from olmoe_jax.config import ConfigError
+    from olmoe_jax.data.errors import DataError
+    return ConfigError, DataError, UsageError, FileNotFoundError
 
 
 def main(argv=None) -> int:
