@@ -59,6 +59,10 @@ def run(args) -> int:
     )  # pylint: disable=import-outside-toplevel
 
     ensure_new_workdir(args.workdir)
+    if not 0.0 <= args.noise <= 1.0:  # before an --hf source is read
+        raise UsageError(f"--noise {args.noise} must be a fraction in [0, 1]")
+    if args.hf and args.step is not None:
+        raise UsageError("--step applies to a --from workdir; an --hf folder has one set of weights")
     if args.source and args.experiment:
         raise UsageError(
             "--experiment applies to --hf sources; a --from workdir has its own config"
@@ -74,8 +78,6 @@ def run(args) -> int:
         norm_topk_prob=args.norm_topk_prob,
     )
     validate(apply_overrides(moe_cfg, args.overrides))
-    if not 0.0 <= args.noise <= 1.0:
-        raise UsageError(f"--noise {args.noise} must be a fraction in [0, 1]")
     if args.source:
         params = load_params(args.source, args.step)
     moe = upcycle(params, moe_cfg, jax.random.PRNGKey(args.seed), noise=args.noise)

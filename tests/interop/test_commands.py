@@ -122,6 +122,8 @@ def test_upcycle_hf_olmo_and_our_dense(tmp_path, capsys, tokens):
             "unknown config key model.nope",
         ),
         (["upcycle", "--hf", "{tmp}/hf", "--num-experts", "4"], "needs a dense model"),
+        (["upcycle", "--hf", "{tmp}/hf", "--noise", "2"], "--noise 2.0 must be"),
+        (["upcycle", "--hf", "{tmp}/hf", "--step", "3"], "--step applies to a --from"),
         (["export-hf", "--out", "{tmp}/o"], "does not exist"),
         (["generate", "--prompt", "x"], "does not exist"),
     ],
