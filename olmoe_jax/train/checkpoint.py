@@ -6,6 +6,7 @@ params-only checkpoint (written by import-hf and upcycle) has the single item `p
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -50,8 +51,19 @@ def step_items(workdir, step: int) -> set[str]:
 
 def _manager(workdir, *, read_only: bool, keep: int | None = None) -> ocp.CheckpointManager:
     directory = Path(workdir).absolute() / CHECKPOINTS
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only)
-    return ocp.CheckpointManager(directory, options=options)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only,
+                                           save_interval_steps=0 if read_only else 1)
+    if not read_only:
+        return ocp.CheckpointManager(directory, options=options)
+    # Orbax logs a warning for every read-only manager ("directory is read only"): reading a
+    # checkpoint is what the user asked for, so keep those notes off their terminal.
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)
+    try:
+        return ocp.CheckpointManager(directory, options=options)
+    finally:
+        absl_logger.setLevel(level)
 
 
 def checkpoint_steps(workdir) -> list[int]:
