@@ -3,3 +3,29 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+def _random_params(cfg, seed: int = 0, std: float = 0.2):
+    """Params of cfg's shapes drawn in numpy: N(0, std), norm scales 1 + N(0, std)."""
+    import jax  # pylint: disable=import-outside-toplevel
+
+    from olmoe_jax.model import transformer  # pylint: disable=import-outside-toplevel
+
+    rng = np.random.RandomState(seed)
+
+    def one(spec):
+        base = 1.0 if spec.init == "ones" else 0.0
+        return (base + std * rng.standard_normal(spec.shape)).astype(np.float32)
+
+    is_spec = lambda x: isinstance(x, transformer.ParamSpec)  # noqa: E731
+    return jax.tree.map(one, transformer.param_specs(cfg), is_leaf=is_spec)
+
+
+@pytest.fixture(scope="session")
+def random_params():
+    """random_params(cfg, seed=0, std=0.2): random weights without compiling `init` (which
+    costs about 1 s per leaf on CPU)."""
+    return _random_params

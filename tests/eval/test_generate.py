@@ -11,7 +11,7 @@ from olmoe_jax.model import transformer
 
 
 @pytest.fixture(scope="module")
-def model():
+def model(random_params):
     c = default_config()
     c.model.update(
         vocab_size=89,
@@ -26,13 +26,7 @@ def model():
         moe_impl="dense",
         init_std=0.3,
     )
-    # Random weights drawn in numpy: compiling `init` costs about 1 s per leaf on CPU.
-    rng = np.random.RandomState(1)
-    params = jax.tree.map(
-        lambda s: (s.init == "ones") + 0.3 * rng.standard_normal(s.shape).astype(np.float32),
-        transformer.param_specs(c),
-        is_leaf=lambda x: isinstance(x, transformer.ParamSpec),
-    )
+    params = random_params(c, seed=1, std=0.3)
     return c, params
 
 

@@ -4,7 +4,6 @@ A plain module (not conftest) so that tests import it by a name no other test fo
 
 import os
 
-import jax
 import numpy as np
 import pytest
 
@@ -161,16 +160,3 @@ def write_tiny_tokenizer(folder, vocab_size: int = 90):
     os.makedirs(folder, exist_ok=True)
     tok.save(os.path.join(folder, "tokenizer.json"))
     return tok
-
-
-def random_params(cfg, seed: int = 0, std: float = 0.2):
-    """Random params of cfg's shapes without compiling `init` (about 1 s per leaf on CPU)."""
-    from olmoe_jax.model import transformer
-    rng = np.random.RandomState(seed)
-
-    def one(spec):
-        base = 1.0 if spec.init == "ones" else 0.0
-        return (base + std * rng.standard_normal(spec.shape)).astype(np.float32)
-
-    is_spec = lambda x: isinstance(x, transformer.ParamSpec)  # noqa: E731
-    return jax.tree.map(one, transformer.param_specs(cfg), is_leaf=is_spec)

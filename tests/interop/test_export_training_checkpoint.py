@@ -2,8 +2,6 @@
 import jax
 import numpy as np
 import optax
-import pytest
-from hf_reference import random_params
 
 from launch.cli import main
 from olmoe_jax.config import default_config
@@ -11,10 +9,8 @@ from olmoe_jax.interop.hf_import import import_hf
 from olmoe_jax.train import state as train_state
 from olmoe_jax.train.checkpoint import Checkpointer, save_config
 
-pytest.importorskip("transformers")
 
-
-def test_export_step_of_training_run(tmp_path, capsys):
+def test_export_step_of_training_run(tmp_path, capsys, random_params):
     cfg = default_config()
     cfg.model.update(vocab_size=61, d_model=24, num_layers=2, num_heads=3, num_kv_heads=1,
                      num_experts=3, top_k=2, expert_dim=10, moe_impl="dense", max_seq_len=32)

@@ -4,7 +4,7 @@ import json
 import os
 
 import pytest
-from hf_reference import build_hf, random_params
+from hf_reference import build_hf
 from safetensors.numpy import load_file, save_file
 
 from olmoe_jax.config import default_config
@@ -110,7 +110,7 @@ def test_unknown_and_missing_keys(hf_dir, base_cfg):
         ),
     ],
 )
-def test_export_refuses_before_writing(change, reason, tmp_path):
+def test_export_refuses_before_writing(change, reason, tmp_path, random_params):
     cfg = default_config()
     cfg.model.update(
         vocab_size=50,
@@ -130,7 +130,7 @@ def test_export_refuses_before_writing(change, reason, tmp_path):
     assert not os.path.exists(tmp_path / "out") and not os.path.exists(tmp_path / "out.partial")
 
 
-def test_export_refuses_nonempty_out(tmp_path):
+def test_export_refuses_nonempty_out(tmp_path, random_params):
     cfg = default_config()
     cfg.model.update(
         vocab_size=50,

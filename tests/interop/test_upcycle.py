@@ -6,7 +6,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hf_reference import random_params
 
 from olmoe_jax.config import ConfigError, default_config
 from olmoe_jax.interop.upcycle import upcycle, upcycle_config
@@ -15,7 +14,7 @@ from olmoe_jax.model.moe import moe_block
 
 
 @pytest.fixture(scope="module")
-def dense():
+def dense(random_params):
     c = default_config()
     c.model.update(
         vocab_size=71,
