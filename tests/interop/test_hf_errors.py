@@ -93,6 +93,24 @@ def test_unknown_and_missing_keys(hf_dir, base_cfg):
     )
 
 
+def _export_cfg(**change):
+    """A one-layer model to export, with `change` applied to its model section."""
+    cfg = default_config()
+    cfg.model.update(
+        vocab_size=50,
+        d_model=16,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=2,
+        num_experts=2,
+        top_k=1,
+        expert_dim=8,
+        mlp_dim=8,
+        **change,
+    )
+    return cfg
+
+
 @pytest.mark.parametrize(
     "change, reason",
     [
@@ -111,19 +129,7 @@ def test_unknown_and_missing_keys(hf_dir, base_cfg):
     ],
 )
 def test_export_refuses_before_writing(change, reason, tmp_path, random_params):
-    cfg = default_config()
-    cfg.model.update(
-        vocab_size=50,
-        d_model=16,
-        num_layers=1,
-        num_heads=2,
-        num_kv_heads=2,
-        num_experts=2,
-        top_k=1,
-        expert_dim=8,
-        mlp_dim=8,
-        **change,
-    )
+    cfg = _export_cfg(**change)
     params = random_params(cfg)  # never read: the refusal comes first
     with pytest.raises(HFFormatError, match=reason):
         export_hf(params, cfg, str(tmp_path / "out"))
@@ -131,17 +137,7 @@ def test_export_refuses_before_writing(change, reason, tmp_path, random_params):
 
 
 def test_export_refuses_nonempty_out(tmp_path, random_params):
-    cfg = default_config()
-    cfg.model.update(
-        vocab_size=50,
-        d_model=16,
-        num_layers=1,
-        num_heads=2,
-        num_kv_heads=2,
-        num_experts=2,
-        top_k=1,
-        expert_dim=8,
-    )
+    cfg = _export_cfg()
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("x")
     with pytest.raises(HFFormatError, match="not empty"):
