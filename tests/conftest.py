@@ -24,6 +24,19 @@ def _random_params(cfg, seed: int = 0, std: float = 0.2):
     return jax.tree.map(one, transformer.param_specs(cfg), is_leaf=is_spec)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _data_cache_in_tmp(tmp_path_factory):
+    """Data caches a test does not place itself (token arrays and unigram entropies of a CLI
+    run, the built-in corpus) go to a fresh folder: no test reads or fills ~/.cache/olmoe_jax."""
+    old = os.environ.get("OLMOE_JAX_CACHE")
+    os.environ["OLMOE_JAX_CACHE"] = str(tmp_path_factory.mktemp("olmoe_jax_cache"))
+    yield
+    if old is None:
+        os.environ.pop("OLMOE_JAX_CACHE")
+    else:
+        os.environ["OLMOE_JAX_CACHE"] = old
+
+
 @pytest.fixture(scope="session")
 def random_params():
     """random_params(cfg, seed=0, std=0.2): random weights without compiling `init` (which
