@@ -299,8 +299,8 @@ def _parse_value(raw: str, old: Any):
         return low == "true"
     try:
         return ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-        return raw
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return raw  # not a literal (e.g. {[1]: 2} is TypeError): the type check names the key
 
 
 def apply_overrides(cfg: ml_collections.ConfigDict, assignments: Sequence[str]) -> ml_collections.ConfigDict:

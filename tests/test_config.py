@@ -32,6 +32,8 @@ def test_unknown_and_mistyped_keys():
         apply_overrides(cfg, ["model.num_experts=many"])
     with pytest.raises(ConfigError, match="true or false"):
         apply_overrides(cfg, ["model.qk_norm=3"])
+    with pytest.raises(ConfigError, match="expected int"):
+        apply_overrides(cfg, ["model.num_experts={[1]: 2}"])  # literal_eval raises TypeError
     with pytest.raises(ConfigError, match="key.path=value"):
         apply_overrides(cfg, ["model.qk_norm"])
     cfg.model.unlock()
