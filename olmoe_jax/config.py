@@ -315,11 +315,16 @@ def from_json(text: str, source: str) -> ml_collections.ConfigDict:
         raw = json.loads(text)
     except json.JSONDecodeError as e:
         raise ConfigError(f"{source} is not valid JSON ({e}); restore it or start a new workdir") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source} holds a JSON {type(raw).__name__}, not a config object; "
+                          "restore it or start a new workdir")
     cfg = ml_collections.ConfigDict(raw)
     ref = default_config()
     # JSON has no int/float distinction for whole numbers: coerce to the schema's types.
+    # (A section that is not an object is left for validate to name.)
     for section in ref.keys():
-        if section in cfg and isinstance(ref[section], ml_collections.ConfigDict):
+        if isinstance(cfg.get(section), ml_collections.ConfigDict) \
+                and isinstance(ref[section], ml_collections.ConfigDict):
             for key in ref[section].keys():
                 if key in cfg[section] and isinstance(ref[section][key], float) \
                         and isinstance(cfg[section][key], int) and not isinstance(cfg[section][key], bool):

@@ -1,4 +1,6 @@
 """Config validation: every invalid combination is one ConfigError naming the key."""
+import json
+
 import pytest
 
 from olmoe_jax.config import ConfigError, apply_overrides, default_config, mesh_shape, validate
@@ -66,3 +68,14 @@ def test_mesh_shapes_against_device_count():
     cfg.model.num_experts = 12
     with pytest.raises(ConfigError, match="mesh.expert=8 must divide model.num_experts=12"):
         mesh_shape(cfg, 8)
+
+
+def test_from_json_refuses_non_objects_with_a_config_error():
+    from olmoe_jax.config import from_json
+    with pytest.raises(ConfigError, match="w/config.json holds a JSON list"):
+        from_json("[1, 2]", "w/config.json")
+    raw = default_config().to_dict()
+    raw["model"] = 3
+    with pytest.raises(ConfigError, match="w/config.json: model must be a section"):
+        from_json(json.dumps(raw), "w/config.json")
+    assert from_json(default_config().to_json(), "w/config.json") == default_config()
