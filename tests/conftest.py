@@ -24,6 +24,17 @@ def _random_params(cfg, seed: int = 0, std: float = 0.2):
     return jax.tree.map(one, transformer.param_specs(cfg), is_leaf=is_spec)
 
 
+@pytest.fixture(scope="session")
+def hf_tokenizer_path():
+    """The real OLMoE GPT-NeoX tokenizer.json, from ../shared beside the repository."""
+    import pathlib  # pylint: disable=import-outside-toplevel
+    shared = pathlib.Path(__file__).resolve().parents[2] / "shared"
+    path = shared / "reference/tokenizer/gpt-neox-olmo-dolma-v1_5.json"
+    if not path.exists():
+        pytest.skip(f"the OLMoE reference tokenizer is not at {path} (../shared beside the repo)")
+    return str(path)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _data_cache_in_tmp(tmp_path_factory):
     """Data caches a test does not place itself (token arrays and unigram entropies of a CLI

@@ -33,16 +33,6 @@ def spm_tokenizer(builtin_cfg):
     return make_tokenizer(builtin_cfg)
 
 
-@pytest.fixture(scope="session")
-def hf_tokenizer_path():
-    import pathlib
-    shared = pathlib.Path(__file__).resolve().parents[3] / "shared"  # beside the repository
-    path = shared / "reference/tokenizer/gpt-neox-olmo-dolma-v1_5.json"
-    if not path.exists():
-        pytest.skip(f"the OLMoE reference tokenizer is not at {path} (../shared beside the repo)")
-    return str(path)
-
-
 def write_jsonl(path, docs, domains=None):
     import json
     with open(path, "w") as f:

@@ -2,7 +2,6 @@
 
 import glob
 import os
-import pathlib
 
 import pytest
 
@@ -11,11 +10,6 @@ from olmoe_jax.data.tokenizers import HFTokenizer, SentencePieceTokenizer, train
 from olmoe_jax.interop.hf_tokenizer import write_tokenizer_files
 
 transformers = pytest.importorskip("transformers")
-# The real OLMoE GPT-NeoX tokenizer, in ../shared beside the repository (as tests/data uses it).
-REFERENCE = str(
-    pathlib.Path(__file__).resolve().parents[3]
-    / "shared/reference/tokenizer/gpt-neox-olmo-dolma-v1_5.json"
-)
 EDGE_CASES = [
     "naïve café — 日本語 😀 \u0301",
     "  two leading",
@@ -58,13 +52,10 @@ def test_sentencepiece_converts_exactly(tmp_path):
     _check(ours, tmp_path, held_out + EDGE_CASES)
 
 
-@pytest.mark.skipif(
-    not os.path.isfile(REFERENCE), reason="the OLMoE reference tokenizer is not here"
-)
-def test_hf_tokenizer_json_is_copied(tmp_path):
+def test_hf_tokenizer_json_is_copied(tmp_path, hf_tokenizer_path):
     cfg = default_config()
-    cfg.data.update(tokenizer="hf", tokenizer_path=REFERENCE)
-    ours = HFTokenizer(REFERENCE)
+    cfg.data.update(tokenizer="hf", tokenizer_path=hf_tokenizer_path)
+    ours = HFTokenizer(hf_tokenizer_path)
     written = write_tokenizer_files(cfg, ours, str(tmp_path))
     assert "tokenizer.json" in written and "tokenizer_config.json" in written
     _check(ours, tmp_path, _stdlib_chunks(0, 5) + EDGE_CASES)
