@@ -128,6 +128,14 @@ def _whole(shape):
     return pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
 
 
+def _check_blocks(**dims):
+    # The grid is dim // block: a remainder would be silently left uncomputed.
+    for name, (size, block) in dims.items():
+        if size % block:
+            raise ValueError(f"gmm (Triton style): {name}={size} is not a multiple of its block "
+                             f"{block}; use sizes below 128 or multiples of 128 (powers of two)")
+
+
 def _gpu_params(interpret):
     return None if interpret else pltriton.CompilerParams()
 
@@ -144,6 +152,7 @@ def gmm_gpu(lhs_GK, rhs_EKN, tile_expert, tile_valid, *, tm: int, interpret: boo
     G, K = lhs_GK.shape
     N = rhs_EKN.shape[2]
     tn = min(N, 128)
+    _check_blocks(N=(N, tn))
     te, tv = _pad_pow2(tile_expert), _pad_pow2(tile_valid)
     return pl.pallas_call(
         functools.partial(_gmm_gpu_kernel, tn),
@@ -178,6 +187,7 @@ def tgmm_gpu(lhs_GK, dout_GN, tile_expert, tile_valid, num_experts: int, *, tm: 
     G, K = lhs_GK.shape
     N = dout_GN.shape[1]
     tk, tn = min(K, 128), min(N, 128)
+    _check_blocks(K=(K, tk), N=(N, tn))
     # Per expert: its first tile and number of valid tiles (tiles are sorted by expert).
     live = tile_valid != 0
     num_tiles_E = jnp.zeros((num_experts,), jnp.int32).at[tile_expert].add(live.astype(jnp.int32))

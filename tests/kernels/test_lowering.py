@@ -52,3 +52,15 @@ def test_lowers_with_mosaic_tpu(name):
 def test_lowers_with_triton(name):
     fn, args = GPU_KERNELS[name]
     assert "xla.gpu.triton" in lowered_text(fn, args, "cuda")
+
+
+@pytest.mark.parametrize("fn", [
+    lambda: gmm_pallas.gmm_gpu(*(jnp.zeros(a.shape, a.dtype) for a in (
+        S((G, K), F32), S((E, K, 192), F32), *TILES)), tm=TM, interpret=True),
+    lambda: gmm_pallas.tgmm_gpu(*(jnp.zeros(a.shape, a.dtype) for a in (
+        S((G, 192), F32), S((G, N), F32), *TILES)), E, tm=TM, interpret=True),
+])
+def test_triton_style_refuses_dims_its_grid_would_not_cover(fn):
+    # 192 columns at a block of 128 would leave 64 uncomputed; a clear error instead.
+    with pytest.raises(ValueError, match="=192 is not a multiple of its block 128"):
+        fn()
