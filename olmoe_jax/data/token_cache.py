@@ -93,16 +93,3 @@ def token_streams(cfg, tokenizer: Tokenizer) -> Streams:
     return {split: {domain: [sources.open_token_file(os.path.join(folder, entry["file"]), dtype)]
                     for domain, entry in index[split].items()}
             for split in SPLITS}
-
-
-def stream_stats(cfg, tokenizer: Tokenizer) -> dict:
-    """{split: {domain: {"docs", "tokens"}}} of a text source (docs unknown for npy: -1)."""
-    if cfg.data.source == "npy":
-        return {split: {d: {"docs": -1, "tokens": sum(len(s) for s in spans)}
-                        for d, spans in by_domain.items()}
-                for split, by_domain in sources.npy_streams(cfg).items()}
-    token_streams(cfg, tokenizer)
-    with open(os.path.join(cache_dir(cfg, tokenizer), "index.json")) as f:
-        index = json.load(f)
-    return {split: {d: {"docs": e["docs"], "tokens": e["tokens"]} for d, e in entries.items()}
-            for split, entries in index.items()}
