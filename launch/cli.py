@@ -16,8 +16,8 @@ COMMANDS = {
     "train": ("launch.train", "train an experiment (resumes from the workdir's last checkpoint)"),
     "eval": ("launch.evaluate", "validation loss per domain of a checkpoint"),
     "generate": ("launch.generate", "generate text from a checkpoint (KV cache, greedy or sampling)"),
-    "export-hf": ("launch.export_hf", "write a checkpoint as a Hugging Face OlmoeForCausalLM folder"),
-    "import-hf": ("launch.import_hf", "import a Hugging Face OLMoE folder into a workdir"),
+    "export-hf": ("launch.export_hf", "write a checkpoint as a Hugging Face folder (OLMoE, or Llama / OLMo for dense)"),
+    "import-hf": ("launch.import_hf", "import a Hugging Face OLMoE (or Llama / OLMo dense) folder into a workdir"),
     "upcycle": ("launch.upcycle", "turn a dense checkpoint into an MoE (sparse upcycling)"),
     "experiments": ("launch.experiments_cmd", "list the experiment registry, print configs and parameter counts"),
 }
