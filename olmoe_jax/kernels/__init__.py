@@ -3,15 +3,17 @@
 router    fused softmax / top-k / renormalisation / statistics, analytic backward (router.py)
 permute   tokens -> expert-sorted, tile-padded rows, and unpermute (weighted combine back)
 gmm       grouped matmul over tile-padded groups; backends xla | pallas | megablox |
-          ragged_dot | tokamax behind one function, `auto` per platform (gmm.py)
+          ragged_dot | tokamax behind one function, `auto` per platform (gmm.py); gmm_swiglu
+          the routed SwiGLU experts on top of it (one fused tile loop on xla)
 All are pure functions on plain arrays (no config, no globals), so a shard_map over experts
 can wrap them.
 """
-from olmoe_jax.kernels.gmm import BACKENDS, default_backend, gmm, tile_owners
+from olmoe_jax.kernels.gmm import BACKENDS, default_backend, gmm, gmm_swiglu, tile_owners
 from olmoe_jax.kernels.permute import Layout, make_layout, num_rows, permute, unpermute
 from olmoe_jax.kernels.router import RouterOut, router, router_reference
 
 __all__ = [
-    "BACKENDS", "Layout", "RouterOut", "default_backend", "gmm", "make_layout", "num_rows",
+    "BACKENDS", "Layout", "RouterOut", "default_backend", "gmm", "gmm_swiglu", "make_layout",
+    "num_rows",
     "permute", "router", "router_reference", "tile_owners", "unpermute",
 ]

@@ -130,6 +130,85 @@ def _tiled_gmm_bwd(tm, impl, interpret, res, dout_GN):
 _tiled_gmm.defvjp(_tiled_gmm_fwd, _tiled_gmm_bwd)
 
 
+# ------------------------------------------- the whole SwiGLU expert block, xla backend
+
+def _live_tiles(padded_sizes_E, tm):
+    """Tiles holding a group: a prefix of the buffer, so loops stop there (no slack work)."""
+    return jnp.sum(padded_sizes_E) // tm
+
+
+def _tile(a, i, tm):
+    return jax.lax.dynamic_slice_in_dim(a, i * tm, tm)
+
+
+def _put(a, i, v, tm):
+    return jax.lax.dynamic_update_slice_in_dim(a, v.astype(a.dtype), i * tm, 0)
+
+
+def _dot(a, b):
+    return jnp.dot(a, b, preferred_element_type=jnp.float32)
+
+
+def _dot_t(a, b):  # a.T @ b
+    return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _xla_swiglu(lhs_GD, wg_EDF, wu_EDF, wd_EFD, padded_sizes_E, tm):
+    out, _ = _xla_swiglu_fwd(lhs_GD, wg_EDF, wu_EDF, wd_EFD, padded_sizes_E, tm)
+    return out
+
+
+def _xla_swiglu_fwd(lhs_GD, wg_EDF, wu_EDF, wd_EFD, padded_sizes_E, tm):
+    G, dt = lhs_GD.shape[0], lhs_GD.dtype
+    F, D_out = wg_EDF.shape[2], wd_EFD.shape[2]
+    te, _ = tile_owners(padded_sizes_E, G // tm, tm)
+
+    def body(i, carry):
+        out_GD, g_GF, u_GF = carry
+        e, x_tD = te[i], _tile(lhs_GD, i, tm)
+        g_tF = _dot(x_tD, wg_EDF[e]).astype(dt)
+        u_tF = _dot(x_tD, wu_EDF[e]).astype(dt)
+        y_tD = _dot(jax.nn.silu(g_tF) * u_tF, wd_EFD[e])
+        return _put(out_GD, i, y_tD, tm), _put(g_GF, i, g_tF, tm), _put(u_GF, i, u_tF, tm)
+
+    zeros_GF = jnp.zeros((G, F), dt)
+    out_GD, g_GF, u_GF = jax.lax.fori_loop(
+        0, _live_tiles(padded_sizes_E, tm), body, (jnp.zeros((G, D_out), dt), zeros_GF, zeros_GF))
+    return out_GD, (lhs_GD, g_GF, u_GF, wg_EDF, wu_EDF, wd_EFD, padded_sizes_E)
+
+
+def _xla_swiglu_bwd(tm, res, dout_GD):
+    lhs_GD, g_GF, u_GF, wg_EDF, wu_EDF, wd_EFD, padded_sizes_E = res
+    G, dt = lhs_GD.shape[0], lhs_GD.dtype
+    dout_GD = dout_GD.astype(dt)
+    te, _ = tile_owners(padded_sizes_E, G // tm, tm)
+
+    def body(i, carry):
+        dx_GD, dwg_EDF, dwu_EDF, dwd_EFD = carry
+        e = te[i]
+        x_tD, dy_tD = _tile(lhs_GD, i, tm), _tile(dout_GD, i, tm)
+        g_tF, u_tF = _tile(g_GF, i, tm), _tile(u_GF, i, tm)
+        (h_tF, silu_vjp) = jax.vjp(lambda g, u: jax.nn.silu(g) * u, g_tF, u_tF)
+        dh_tF = _dot(dy_tD, wd_EFD[e].T).astype(dt)
+        dg_tF, du_tF = silu_vjp(dh_tF)
+        dx_tD = _dot(dg_tF, wg_EDF[e].T) + _dot(du_tF, wu_EDF[e].T)
+        return (_put(dx_GD, i, dx_tD, tm),
+                dwg_EDF.at[e].add(_dot_t(x_tD, dg_tF)),
+                dwu_EDF.at[e].add(_dot_t(x_tD, du_tF)),
+                dwd_EFD.at[e].add(_dot_t(h_tF, dy_tD)))
+
+    f32 = lambda w: jnp.zeros(w.shape, jnp.float32)
+    dx_GD, dwg, dwu, dwd = jax.lax.fori_loop(
+        0, _live_tiles(padded_sizes_E, tm), body,
+        (jnp.zeros_like(lhs_GD), f32(wg_EDF), f32(wu_EDF), f32(wd_EFD)))
+    return (dx_GD, dwg.astype(wg_EDF.dtype), dwu.astype(wu_EDF.dtype), dwd.astype(wd_EFD.dtype),
+            None)
+
+
+_xla_swiglu.defvjp(_xla_swiglu_fwd, _xla_swiglu_bwd)
+
+
 # ----------------------------------------------------------------------------- front end
 
 def gmm(lhs_GK, rhs_EKN, padded_sizes_E, *, tm: int, backend: str = "auto",
@@ -187,3 +266,30 @@ def _megablox(lhs_GK, rhs_EKN, padded_sizes_E, tm, *, interpret):
     out = megablox_gmm(lhs_GK, rhs_EKN, padded_sizes_E, lhs_GK.dtype, (tm, 128, 128),
                        None, None, False, interpret)
     return jnp.where(live_G1, out, 0)
+
+
+def gmm_swiglu(lhs_GD, w_gate_EDF, w_up_EDF, w_down_EFD, padded_sizes_E, *, tm: int,
+               backend: str = "auto", platform: str | None = None):
+    """[G, D'] = per expert e: (silu(lhs @ w_gate[e]) * (lhs @ w_up[e])) @ w_down[e].
+
+    The routed SwiGLU experts on the `permute` layout, as `gmm` defines its rows (slack rows
+    give zero output and zero gradient); the weights share lhs's dtype. On the `xla` backend
+    one loop over the live tiles does all three products per tile and one loop the backward
+    (saving only the gate and up activations, never a concatenated weight), stopping at the
+    last live tile; other backends run two `gmm` calls on the gate|up concatenation and one on
+    w_down.
+    """
+    G, K = lhs_GD.shape
+    if G % tm:
+        raise ValueError(f"gmm_swiglu: lhs rows {G} are not a multiple of the tile size tm={tm}")
+    platform = platform or jax.default_backend()
+    if backend == "auto":
+        backend = default_backend(platform)
+    padded_sizes_E = padded_sizes_E.astype(jnp.int32)
+    if backend == "xla":
+        return _xla_swiglu(lhs_GD, w_gate_EDF, w_up_EDF, w_down_EFD, padded_sizes_E, tm)
+    F = w_gate_EDF.shape[2]
+    w_gu_EDF2 = jnp.concatenate([w_gate_EDF, w_up_EDF], axis=2)
+    gu_GF2 = gmm(lhs_GD, w_gu_EDF2, padded_sizes_E, tm=tm, backend=backend, platform=platform)
+    h_GF = jax.nn.silu(gu_GF2[:, :F]) * gu_GF2[:, F:]
+    return gmm(h_GF, w_down_EFD, padded_sizes_E, tm=tm, backend=backend, platform=platform)

@@ -9,8 +9,10 @@ capacity  GShard-style buckets: each expert gets C = routing.capacity(...) rows,
           fills every bucket exactly, so it is also what `dropless` runs for expert choice.
 dropless  token choice: the T*k slots sorted by expert into tile-padded groups
           (kernels.permute), three grouped matmuls (kernels.gmm; backend from
-          `model.moe_backend`), and the weighted combine back (kernels.unpermute). Nothing is
-          dropped. The gate and up projections share one grouped matmul over [E, D, 2F].
+          `model.moe_backend`; kernels.gmm_swiglu), and the weighted combine back
+          (kernels.unpermute). Nothing is dropped. On the xla backend the three products run
+          in one fused loop over tiles; elsewhere gate and up share one grouped matmul over
+          [E, D, 2F].
 """
 from __future__ import annotations
 
@@ -31,11 +33,8 @@ def tile_rows(num_slots: int, num_experts: int) -> int:
 
 
 def _swiglu_grouped(buf_GD, p, sizes_E, tm, backend, dt):
-    F = p["w_gate"].shape[2]
-    w_gu_EDF2 = jnp.concatenate([p["w_gate"], p["w_up"]], axis=2).astype(dt)
-    gu_GF2 = kernels.gmm(buf_GD, w_gu_EDF2, sizes_E, tm=tm, backend=backend)
-    h_GF = jax.nn.silu(gu_GF2[:, :F]) * gu_GF2[:, F:]
-    return kernels.gmm(h_GF, p["w_down"].astype(dt), sizes_E, tm=tm, backend=backend)
+    return kernels.gmm_swiglu(buf_GD, p["w_gate"].astype(dt), p["w_up"].astype(dt),
+                              p["w_down"].astype(dt), sizes_E, tm=tm, backend=backend)
 
 
 def dropless_experts(p, x_TD, r: Routing, cfg):
