@@ -20,8 +20,8 @@ def resolve_config(experiment: str | None, overrides: list[str],
                    workdir: str | None = None) -> ml_collections.ConfigDict:
     """The config for a command: the experiment's (plus overrides), or the workdir's saved one.
 
-    With both an experiment and a workdir holding a config, the experiment's wins only if it is
-    the same experiment; callers that resume (train) compare the two themselves.
+    With both an experiment and a workdir holding a config, the experiment's is returned;
+    callers that resume (train) compare it with the saved one and refuse a different model.
     """
     import experiments  # pylint: disable=import-outside-toplevel
 
