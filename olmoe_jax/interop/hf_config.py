@@ -237,20 +237,13 @@ def from_hf_config(
             capacity_factor=0.0,
             lb_loss_weight=float(hf.get("router_aux_loss_coef", m.lb_loss_weight)),
         )
-    elif kind == "llama":
+    else:  # dense: Llama is RMSNorm, OLMo a non-parametric LayerNorm of fixed eps
+        llama = kind == "llama"
         m.update(
             ffn_type="dense",
-            norm_type="rmsnorm",
+            norm_type="rmsnorm" if llama else "layernorm",
             qk_norm=False,
-            norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            mlp_dim=int(hf["intermediate_size"]),
-        )
-    else:
-        m.update(
-            ffn_type="dense",
-            norm_type="layernorm",
-            qk_norm=False,
-            norm_eps=OLMO_LAYERNORM_EPS,
+            norm_eps=float(hf.get("rms_norm_eps", 1e-6)) if llama else OLMO_LAYERNORM_EPS,
             mlp_dim=int(hf["intermediate_size"]),
         )
     eos = hf.get("eos_token_id")
