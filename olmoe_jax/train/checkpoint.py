@@ -130,9 +130,6 @@ class Checkpointer:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
         return self._mgr.restore(step, args=ocp.args.Composite(**items)).state
 
-    def wait(self) -> None:
-        self._mgr.wait_until_finished()
-
     def close(self) -> None:
         self._mgr.wait_until_finished()
         self._mgr.close()
