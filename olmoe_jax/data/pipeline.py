@@ -133,7 +133,8 @@ def make_train_iterator(cfg, tokenizer: Tokenizer, *, process_index: int = 0,
 
 def make_eval_batches(cfg, tokenizer: Tokenizer, *, process_index: int = 0,
                       process_count: int = 1) -> dict[str, list[dict[str, np.ndarray]]]:
-    """{domain: up to data.eval_batches batches} from the validation split, the same every call.
+    """{domain: up to data.eval_batches batches} from the validation split, the same every call
+    ({} when data.eval_batches is 0, so nothing is evaluated).
 
     Each domain is packed on its own, so a domain's loss is over that domain's text only.
     The last row of a domain is padded with the tokenizer's pad id, and the last batch with
@@ -149,7 +150,8 @@ def make_eval_batches(cfg, tokenizer: Tokenizer, *, process_index: int = 0,
             idx = range(j * big_b + process_index, (j + 1) * big_b, process_count)
             rows_BL = np.stack([rows[i] for i in idx])
             batches.append(_example(rows_BL, np.array([rows.real_tokens(i) for i in idx])))
-        out[domain] = batches
+        if batches:  # data.eval_batches=0: no domain at all, rather than a loss of 0 over 0 tokens
+            out[domain] = batches
     return out
 
 

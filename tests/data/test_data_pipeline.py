@@ -189,3 +189,10 @@ def test_worker_processes_give_the_same_batches_and_restore(jsonl_cfg, spm_token
         again.close()
     for w, g in zip(want + want[2:], got):
         np.testing.assert_array_equal(w["inputs"], g["inputs"])
+
+
+def test_no_eval_batches_means_no_domains(jsonl_cfg, spm_tokenizer):
+    # An empty list per domain would be evaluated as a loss of 0 nats over 0 tokens.
+    cfg = jsonl_cfg[0].copy_and_resolve_references()
+    cfg.data.eval_batches = 0
+    assert make_eval_batches(cfg, spm_tokenizer) == {}
