@@ -124,6 +124,7 @@ def train_on(cfg, workdir, data: Data) -> dict[str, Any]:
     mesh = make_mesh(cfg)
     shardings = step_lib.state_shardings(cfg, mesh)
     ckpt = ckpt_lib.Checkpointer(workdir, keep=t.keep_ckpts, save_every=t.ckpt_every)
+    writer = None
     try:
         latest = ckpt.latest_step()  # not None when mode == "resume"
         if mode == "resume":
@@ -134,17 +135,20 @@ def train_on(cfg, workdir, data: Data) -> dict[str, Any]:
         else:
             state = step_lib.init_state(cfg, shardings)
         ckpt_lib.save_config(workdir, cfg)
-        return _loop(cfg, workdir, data, mesh, shardings, state, ckpt, t_start)
-    finally:
+        writer = metrics_lib.MetricsWriter(workdir, total_steps=t.steps,
+                                           start_step=int(jax.device_get(state.step)))
+        return _loop(cfg, workdir, data, mesh, shardings, state, ckpt, writer, t_start)
+    finally:  # also on a crash mid-run: the progress bar and metric files are closed
+        if writer is not None:
+            writer.close()
         ckpt.close()
 
 
-def _loop(cfg, workdir, data: Data, mesh, shardings, state, ckpt, t_start) -> dict[str, Any]:
+def _loop(cfg, workdir, data: Data, mesh, shardings, state, ckpt, writer, t_start) -> dict[str, Any]:
     t = cfg.train
     train_step = step_lib.make_train_step(cfg, mesh, shardings)
     eval_step = step_lib.make_eval_step(cfg, mesh, shardings.params)
     start = int(jax.device_get(state.step))
-    writer = metrics_lib.MetricsWriter(workdir, total_steps=t.steps, start_step=start)
     flops_per_token = metrics_lib.model_flops_per_token(cfg)
     peak, peak_how = metrics_lib.peak_flops(cfg)
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
@@ -208,7 +212,6 @@ def _loop(cfg, workdir, data: Data, mesh, shardings, state, ckpt, t_start) -> di
         "wall_s": time.perf_counter() - t_start,
     }
     writer.record({"kind": "summary", **summary})
-    writer.close()
     return summary
 
 
