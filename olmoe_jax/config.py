@@ -7,6 +7,7 @@ values. `validate(cfg)` checks types, ranges and cross-field constraints and rai
 from __future__ import annotations
 
 import ast
+import importlib.util
 import json
 from typing import Any, Sequence
 
@@ -143,7 +144,8 @@ def _get(cfg, dotted: str):
 def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> ml_collections.ConfigDict:
     """Checks `cfg` against the schema; returns it. Raises ConfigError naming the key.
 
-    num_devices: when given, the mesh sizes are checked against it.
+    num_devices: when given, the config is checked for a run on this machine: the mesh sizes
+    against num_devices, and that an optional kernel package it names is installed.
     """
     _check_keys_and_types(cfg, default_config(), "")
     for key, choices in _CHOICES.items():
@@ -189,8 +191,11 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
             f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
     # Data paths and tokenizer files are checked at launch (olmoe_jax.data), since registry
     # configs such as olmoe_1b7b name no local paths.
-    if num_devices is not None:
+    if num_devices is not None:  # validating for this machine: its devices and packages
         mesh_shape(cfg, num_devices)
+        if m.moe_backend == "tokamax" and importlib.util.find_spec("tokamax") is None:
+            raise ConfigError("model.moe_backend=tokamax needs the optional package (pip install "
+                              "tokamax); or choose auto, xla, pallas, ragged_dot or megablox")
     return cfg
 
 

@@ -79,3 +79,13 @@ def test_from_json_refuses_non_objects_with_a_config_error():
     with pytest.raises(ConfigError, match="w/config.json: model must be a section"):
         from_json(json.dumps(raw), "w/config.json")
     assert from_json(default_config().to_json(), "w/config.json") == default_config()
+
+
+def test_tokamax_backend_needs_the_optional_package():
+    import importlib.util
+    if importlib.util.find_spec("tokamax") is not None:
+        pytest.skip("tokamax is installed here")
+    cfg = apply_overrides(default_config(), ["model.moe_backend=tokamax", "data.batch_size=8"])
+    validate(cfg)  # a config for another machine may name it
+    with pytest.raises(ConfigError, match="model.moe_backend=tokamax needs"):
+        validate(cfg, num_devices=8)  # a run here may not
