@@ -1,4 +1,6 @@
-"""Test setup: 8 simulated CPU devices for mesh tests (must be set before jax is imported)."""
+"""Test setup: 8 simulated CPU devices for mesh tests (must be set before jax is imported), a
+per-session data cache, and fixtures shared across folders (random weights, the reference
+tokenizer)."""
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
