@@ -41,22 +41,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from olmoe_jax.config import (
-        apply_overrides,
-        validate,
-    )  # pylint: disable=import-outside-toplevel
-    from olmoe_jax.interop import hf_tokenizer  # pylint: disable=import-outside-toplevel
-    from olmoe_jax.interop.hf_import import import_hf  # pylint: disable=import-outside-toplevel
-    from olmoe_jax.interop.upcycle import (
-        upcycle,
-        upcycle_config,
-    )  # pylint: disable=import-outside-toplevel
-    from olmoe_jax.model.transformer import count_params  # pylint: disable=import-outside-toplevel
-    from olmoe_jax.train.checkpoint import (
-        load_config,
-        load_params,
-        save_params,
-    )  # pylint: disable=import-outside-toplevel
+    # pylint: disable=import-outside-toplevel
+    from olmoe_jax.config import apply_overrides, validate
+    from olmoe_jax.interop import hf_tokenizer
+    from olmoe_jax.interop.hf_import import import_hf
+    from olmoe_jax.interop.upcycle import upcycle, upcycle_config
+    from olmoe_jax.model.transformer import count_params
+    from olmoe_jax.train.checkpoint import load_config, load_params, save_params
 
     ensure_new_workdir(args.workdir)
     if not 0.0 <= args.noise <= 1.0:  # before an --hf source is read
@@ -77,6 +68,7 @@ def run(args) -> int:
         top_k=args.top_k,
         norm_topk_prob=args.norm_topk_prob,
     )
+    _refuse_shape_overrides(args.overrides)
     validate(apply_overrides(moe_cfg, args.overrides))
     if args.source:
         params = load_params(args.source, args.step)
@@ -92,3 +84,22 @@ def run(args) -> int:
     if note:
         print(note)
     return 0
+
+
+# The upcycled model copies the dense weights: keys that change a weight's shape (or which
+# weights exist) cannot be overridden; experts and top-k come from --num-experts / --top-k.
+_SHAPE_KEYS = frozenset({
+    "vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "ffn_type",
+    "mlp_dim", "num_experts", "expert_dim", "num_shared_experts", "norm_type", "qk_norm",
+    "tie_embeddings",
+})
+
+
+def _refuse_shape_overrides(overrides) -> None:
+    for assignment in overrides:
+        key = assignment.split("=", 1)[0].strip()
+        if key.startswith("model.") and key[len("model."):] in _SHAPE_KEYS:
+            raise UsageError(
+                f"--set {key}: upcycling copies the dense weights, so their shapes come from the "
+                "source; use --num-experts / --top-k for the experts, and --set only for "
+                "routing, losses, data, optim, train or mesh keys")

@@ -124,6 +124,7 @@ def test_upcycle_hf_olmo_and_our_dense(tmp_path, capsys, tokens):
         (["upcycle", "--hf", "{tmp}/hf", "--num-experts", "4"], "needs a dense model"),
         (["upcycle", "--hf", "{tmp}/hf", "--noise", "2"], "--noise 2.0 must be"),
         (["upcycle", "--hf", "{tmp}/hf", "--step", "3"], "--step applies to a --from"),
+        (["upcycle", "--hf", "{tmp}/hf", "--set", "model.d_model=64"], "--set model.d_model: upcycling"),
         (["export-hf", "--out", "{tmp}/o"], "does not exist"),
         (["generate", "--prompt", "x"], "does not exist"),
     ],
