@@ -58,6 +58,7 @@ def run(args) -> int:
         raise UsageError(
             "--experiment applies to --hf sources; a --from workdir has its own config"
         )
+    _refuse_shape_overrides(args.overrides)
     if args.source:
         dense_cfg = load_config(args.source)
     else:
@@ -68,7 +69,6 @@ def run(args) -> int:
         top_k=args.top_k,
         norm_topk_prob=args.norm_topk_prob,
     )
-    _refuse_shape_overrides(args.overrides)
     validate(apply_overrides(moe_cfg, args.overrides))
     if args.source:
         params = load_params(args.source, args.step)
