@@ -132,11 +132,6 @@ _tiled_gmm.defvjp(_tiled_gmm_fwd, _tiled_gmm_bwd)
 
 # ------------------------------------------- the whole SwiGLU expert block, xla backend
 
-def _live_tiles(padded_sizes_E, tm):
-    """Tiles holding a group: a prefix of the buffer, so loops stop there (no slack work)."""
-    return jnp.sum(padded_sizes_E) // tm
-
-
 def _tile(a, i, tm):
     return jax.lax.dynamic_slice_in_dim(a, i * tm, tm)
 
@@ -159,49 +154,72 @@ def _xla_swiglu(lhs_GD, wg_EDF, wu_EDF, wd_EFD, padded_sizes_E, tm):
     return out
 
 
+def _expert_tiles(padded_sizes_E, tm):
+    """(first tile [E], end tile [E]) of each expert's group; empty groups have first == end."""
+    end_E = jnp.cumsum(padded_sizes_E // tm)
+    return end_E - padded_sizes_E // tm, end_E
+
+
+def _dot_nt(a, b):  # a @ b.T, without materialising the transpose
+    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+# Loops per expert, then over that expert's tiles: each weight is sliced once per expert (not
+# per tile) and its gradient accumulates in a [K, N] carry written once, so a small tile costs
+# only its matmuls; slack tiles lie past every group and are never visited.
+
 def _xla_swiglu_fwd(lhs_GD, wg_EDF, wu_EDF, wd_EFD, padded_sizes_E, tm):
     G, dt = lhs_GD.shape[0], lhs_GD.dtype
-    F, D_out = wg_EDF.shape[2], wd_EFD.shape[2]
-    te, _ = tile_owners(padded_sizes_E, G // tm, tm)
+    E, F, D_out = wg_EDF.shape[0], wg_EDF.shape[2], wd_EFD.shape[2]
+    first_E, end_E = _expert_tiles(padded_sizes_E, tm)
 
-    def body(i, carry):
-        out_GD, g_GF, u_GF = carry
-        e, x_tD = te[i], _tile(lhs_GD, i, tm)
-        g_tF = _dot(x_tD, wg_EDF[e]).astype(dt)
-        u_tF = _dot(x_tD, wu_EDF[e]).astype(dt)
-        y_tD = _dot(jax.nn.silu(g_tF) * u_tF, wd_EFD[e])
-        return _put(out_GD, i, y_tD, tm), _put(g_GF, i, g_tF, tm), _put(u_GF, i, u_tF, tm)
+    def expert(e, carry):
+        wg_DF, wu_DF, wd_FD = wg_EDF[e], wu_EDF[e], wd_EFD[e]
+
+        def tile(i, carry):
+            out_GD, g_GF, u_GF = carry
+            x_tD = _tile(lhs_GD, i, tm)
+            g_tF = _dot(x_tD, wg_DF).astype(dt)
+            u_tF = _dot(x_tD, wu_DF).astype(dt)
+            y_tD = _dot(jax.nn.silu(g_tF) * u_tF, wd_FD)
+            return _put(out_GD, i, y_tD, tm), _put(g_GF, i, g_tF, tm), _put(u_GF, i, u_tF, tm)
+
+        return jax.lax.fori_loop(first_E[e], end_E[e], tile, carry)
 
     zeros_GF = jnp.zeros((G, F), dt)
     out_GD, g_GF, u_GF = jax.lax.fori_loop(
-        0, _live_tiles(padded_sizes_E, tm), body, (jnp.zeros((G, D_out), dt), zeros_GF, zeros_GF))
+        0, E, expert, (jnp.zeros((G, D_out), dt), zeros_GF, zeros_GF))
     return out_GD, (lhs_GD, g_GF, u_GF, wg_EDF, wu_EDF, wd_EFD, padded_sizes_E)
 
 
 def _xla_swiglu_bwd(tm, res, dout_GD):
     lhs_GD, g_GF, u_GF, wg_EDF, wu_EDF, wd_EFD, padded_sizes_E = res
-    G, dt = lhs_GD.shape[0], lhs_GD.dtype
+    dt, E = lhs_GD.dtype, wg_EDF.shape[0]
     dout_GD = dout_GD.astype(dt)
-    te, _ = tile_owners(padded_sizes_E, G // tm, tm)
-
-    def body(i, carry):
-        dx_GD, dwg_EDF, dwu_EDF, dwd_EFD = carry
-        e = te[i]
-        x_tD, dy_tD = _tile(lhs_GD, i, tm), _tile(dout_GD, i, tm)
-        g_tF, u_tF = _tile(g_GF, i, tm), _tile(u_GF, i, tm)
-        (h_tF, silu_vjp) = jax.vjp(lambda g, u: jax.nn.silu(g) * u, g_tF, u_tF)
-        dh_tF = _dot(dy_tD, wd_EFD[e].T).astype(dt)
-        dg_tF, du_tF = silu_vjp(dh_tF)
-        dx_tD = _dot(dg_tF, wg_EDF[e].T) + _dot(du_tF, wu_EDF[e].T)
-        return (_put(dx_GD, i, dx_tD, tm),
-                dwg_EDF.at[e].add(_dot_t(x_tD, dg_tF)),
-                dwu_EDF.at[e].add(_dot_t(x_tD, du_tF)),
-                dwd_EFD.at[e].add(_dot_t(h_tF, dy_tD)))
-
+    first_E, end_E = _expert_tiles(padded_sizes_E, tm)
     f32 = lambda w: jnp.zeros(w.shape, jnp.float32)
+
+    def expert(e, carry):
+        dx_GD, dwg_EDF, dwu_EDF, dwd_EFD = carry
+        wg_DF, wu_DF, wd_FD = wg_EDF[e], wu_EDF[e], wd_EFD[e]
+
+        def tile(i, carry):
+            dx_GD, dwg_DF, dwu_DF, dwd_FD = carry
+            x_tD, dy_tD = _tile(lhs_GD, i, tm), _tile(dout_GD, i, tm)
+            h_tF, silu_vjp = jax.vjp(lambda g, u: jax.nn.silu(g) * u,
+                                     _tile(g_GF, i, tm), _tile(u_GF, i, tm))
+            dg_tF, du_tF = silu_vjp(_dot_nt(dy_tD, wd_FD).astype(dt))
+            dx_tD = _dot_nt(dg_tF, wg_DF) + _dot_nt(du_tF, wu_DF)
+            return (_put(dx_GD, i, dx_tD, tm), dwg_DF + _dot_t(x_tD, dg_tF),
+                    dwu_DF + _dot_t(x_tD, du_tF), dwd_FD + _dot_t(h_tF, dy_tD))
+
+        dx_GD, dwg_DF, dwu_DF, dwd_FD = jax.lax.fori_loop(
+            first_E[e], end_E[e], tile, (dx_GD, f32(wg_DF), f32(wu_DF), f32(wd_FD)))
+        return (dx_GD, dwg_EDF.at[e].set(dwg_DF), dwu_EDF.at[e].set(dwu_DF),
+                dwd_EFD.at[e].set(dwd_FD))
+
     dx_GD, dwg, dwu, dwd = jax.lax.fori_loop(
-        0, _live_tiles(padded_sizes_E, tm), body,
-        (jnp.zeros_like(lhs_GD), f32(wg_EDF), f32(wu_EDF), f32(wd_EFD)))
+        0, E, expert, (jnp.zeros_like(lhs_GD), f32(wg_EDF), f32(wu_EDF), f32(wd_EFD)))
     return (dx_GD, dwg.astype(wg_EDF.dtype), dwu.astype(wu_EDF.dtype), dwd.astype(wd_EFD.dtype),
             None)
 
@@ -274,9 +292,9 @@ def gmm_swiglu(lhs_GD, w_gate_EDF, w_up_EDF, w_down_EFD, padded_sizes_E, *, tm: 
 
     The routed SwiGLU experts on the `permute` layout, as `gmm` defines its rows (slack rows
     give zero output and zero gradient); the weights share lhs's dtype. On the `xla` backend
-    one loop over the live tiles does all three products per tile and one loop the backward
-    (saving only the gate and up activations, never a concatenated weight), stopping at the
-    last live tile; other backends run two `gmm` calls on the gate|up concatenation and one on
+    one loop over each expert's tiles does all three products per tile and one loop the
+    backward (saving only the gate and up activations, never a concatenated weight); slack
+    tiles are never visited. Other backends run two `gmm` calls on the gate|up concatenation and one on
     w_down.
     """
     G, K = lhs_GD.shape
