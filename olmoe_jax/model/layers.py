@@ -58,12 +58,29 @@ def swiglu(x, w_gate, w_up, w_down):
     return (jax.nn.silu(x @ w_gate) * (x @ w_up)) @ w_down
 
 
-def attention(p, x_BTD, positions_BT, cfg, cache=None):
+def _attend(q_BTKGh, keys_BSKh, values_BSKh, mask_BTS, dt):
+    """Softmax attention of grouped queries over keys; mask True where a key is visible."""
+    hd = q_BTKGh.shape[-1]
+    logits = jnp.einsum("btkgh,bskh->bkgts", q_BTKGh, keys_BSKh).astype(jnp.float32) * (hd ** -0.5)
+    logits = jnp.where(mask_BTS[:, None, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(dt)
+    return jnp.einsum("bkgts,bskh->btkgh", probs, values_BSKh)
+
+
+# Queries are split into this many blocks when positions are 0..T-1 in order: block i only
+# needs keys [0, end of block i), which skips (nb-1)/(2nb) of the causal square. 4 blocks
+# measured 1.45x faster than the full square for attention fwd+bwd at T=256 on CPU.
+CAUSAL_BLOCKS = 4
+
+
+def attention(p, x_BTD, positions_BT, cfg, cache=None, *, in_order: bool = False):
     """Causal multi-head attention with GQA, OLMoE QK-norm and RoPE.
 
     p: one layer's weights {wq [D,H,hd], wk/wv [D,K,hd], wo [H,hd,D], q_norm [H,hd], k_norm [K,hd]}.
     cache: None, or {"k": [B,S,K,hd], "v": [B,S,K,hd], "index": int32 []}: the new keys and values
     are written at positions index..index+T, and queries attend to everything written so far.
+    in_order: positions are 0..T-1 in every row (no cache), so keys after a query block can be
+    skipped, not just masked.
     Returns (y_BTD, new_cache or None).
     """
     m = cfg.model
@@ -79,8 +96,10 @@ def attention(p, x_BTD, positions_BT, cfg, cache=None):
 
     B, T, H, hd = q.shape
     K = k.shape[2]
+    q = q.reshape(B, T, K, H // K, hd)
+    new_cache = None
     if cache is None:
-        keys, values, new_cache = k, v, None
+        keys, values = k, v
         k_pos_BS = positions_BT
         valid_BS = jnp.ones(k_pos_BS.shape, bool)
     else:
@@ -93,11 +112,15 @@ def attention(p, x_BTD, positions_BT, cfg, cache=None):
         valid_BS = k_pos_BS < idx + T
         keys, values = keys.astype(dt), values.astype(dt)
 
-    q = q.reshape(B, T, K, H // K, hd)
-    logits = jnp.einsum("btkgh,bskh->bkgts", q, keys).astype(jnp.float32) * (hd ** -0.5)
     mask_BTS = (k_pos_BS[:, None, :] <= positions_BT[:, :, None]) & valid_BS[:, None, :]
-    logits = jnp.where(mask_BTS[:, None, None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(dt)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, values).reshape(B, T, H, hd)
-    y = jnp.einsum("bthk,hkd->btd", out, p["wo"].astype(dt))
+    nb = CAUSAL_BLOCKS
+    if in_order and cache is None and T % nb == 0 and T >= 64:
+        Tb = T // nb
+        out = jnp.concatenate([
+            _attend(q[:, i * Tb:(i + 1) * Tb], keys[:, :(i + 1) * Tb], values[:, :(i + 1) * Tb],
+                    mask_BTS[:, i * Tb:(i + 1) * Tb, :(i + 1) * Tb], dt)
+            for i in range(nb)], axis=1)
+    else:
+        out = _attend(q, keys, values, mask_BTS, dt)
+    y = jnp.einsum("bthk,hkd->btd", out.reshape(B, T, H, hd), p["wo"].astype(dt))
     return y, new_cache

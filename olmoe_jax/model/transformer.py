@@ -145,6 +145,7 @@ def apply(params, tokens_BT, cfg, *, positions_BT=None, cache=None, return_routi
     m = cfg.model
     dt = jnp.dtype(m.compute_dtype)
     B, T = tokens_BT.shape
+    in_order = positions_BT is None and cache is None  # lets attention skip future key blocks
     if positions_BT is None:
         start = 0 if cache is None else cache["index"]
         positions_BT = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -154,7 +155,7 @@ def apply(params, tokens_BT, cfg, *, positions_BT=None, cache=None, return_routi
         p, kv = xs
         c = None if kv is None else {"k": kv[0], "v": kv[1], "index": cache["index"]}
         h = layers.norm(x, p.get("attn_norm"), cfg)
-        a, c = layers.attention(p, h, positions_BT, cfg, c)
+        a, c = layers.attention(p, h, positions_BT, cfg, c, in_order=in_order)
         x = x + a
         h = layers.norm(x, p.get("mlp_norm"), cfg)
         if m.ffn_type == "moe":

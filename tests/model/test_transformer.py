@@ -126,3 +126,19 @@ def test_qk_norm_off_removes_the_weights_and_changes_the_output(tiny_cfg):
     assert "q_norm" not in q["layers"]
     out, _ = transformer.apply(q, tok, tiny_cfg)
     assert not np.allclose(out, ref, atol=1e-4)
+
+
+def test_causal_block_skipping_equals_the_full_masked_square(tiny_cfg):
+    """With default positions (in order) attention skips key blocks after each query block;
+    passing the same positions explicitly takes the full masked path: both must agree."""
+    p = _params(tiny_cfg)
+    tok = _tokens(tiny_cfg, T=64)
+    pos = jnp.broadcast_to(jnp.arange(64, dtype=jnp.int32), tok.shape)
+    fast, _ = transformer.apply(p, tok, tiny_cfg)
+    full, _ = transformer.apply(p, tok, tiny_cfg, positions_BT=pos)
+    np.testing.assert_allclose(fast, full, rtol=1e-5, atol=1e-5)
+    g_fast = jax.grad(lambda q: transformer.apply(q, tok, tiny_cfg)[0].sum())(p)
+    g_full = jax.grad(lambda q: transformer.apply(q, tok, tiny_cfg, positions_BT=pos)[0].sum())(p)
+    # Blocks change the f32 summation order: allow rounding noise relative to each leaf's scale.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * float(jnp.abs(b).max())),
+                 g_fast, g_full)
