@@ -132,14 +132,6 @@ _tiled_gmm.defvjp(_tiled_gmm_fwd, _tiled_gmm_bwd)
 
 # ------------------------------------------- the whole SwiGLU expert block, xla backend
 
-def _tile(a, i, tm):
-    return jax.lax.dynamic_slice_in_dim(a, i * tm, tm)
-
-
-def _put(a, i, v, tm):
-    return jax.lax.dynamic_update_slice_in_dim(a, v.astype(a.dtype), i * tm, 0)
-
-
 def _dot(a, b):
     return jnp.dot(a, b, preferred_element_type=jnp.float32)
 
@@ -154,72 +146,95 @@ def _xla_swiglu(lhs_GD, wg_EDF, wu_EDF, wd_EFD, padded_sizes_E, tm):
     return out
 
 
-def _expert_tiles(padded_sizes_E, tm):
-    """(first tile [E], end tile [E]) of each expert's group; empty groups have first == end."""
-    end_E = jnp.cumsum(padded_sizes_E // tm)
-    return end_E - padded_sizes_E // tm, end_E
-
-
 def _dot_nt(a, b):  # a @ b.T, without materialising the transpose
     return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
 
-# Loops per expert, then over that expert's tiles: each weight is sliced once per expert (not
-# per tile) and its gradient accumulates in a [K, N] carry written once, so a small tile costs
-# only its matmuls; slack tiles lie past every group and are never visited.
+_CHUNK = 128  # rows per matmul where a group allows: bigger dots run closer to the GEMM peak
+
+
+def _per_expert(G, padded_sizes_E, tm, carry, expert_init, rows_fn, expert_done):
+    """Loops per expert over its group: first in _CHUNK-row chunks, then tm-row tiles for the
+    rest, calling carry = rows_fn(w, row, n, carry) for each n-row block at `row` (n static).
+    Each expert's weights are sliced once (expert_init(e) -> w) and its results folded in by
+    expert_done(e, w, carry); slack rows lie past every group and are never visited."""
+    E = padded_sizes_E.shape[0]
+    start_E = jnp.cumsum(padded_sizes_E) - padded_sizes_E
+    big = _CHUNK if _CHUNK > tm and _CHUNK % tm == 0 and G >= _CHUNK else tm
+
+    def expert(e, carry):
+        w, inner = expert_init(e, carry)
+        size, row0 = padded_sizes_E[e], start_E[e]
+        n_big = size // big
+        inner = jax.lax.fori_loop(0, n_big, lambda j, c: rows_fn(w, row0 + j * big, big, c), inner)
+        if big != tm:
+            row1 = row0 + n_big * big
+            inner = jax.lax.fori_loop(0, (size - n_big * big) // tm,
+                                      lambda j, c: rows_fn(w, row1 + j * tm, tm, c), inner)
+        return expert_done(e, w, inner, carry)
+
+    return jax.lax.fori_loop(0, E, expert, carry)
+
+
+def _rows(a, row, n):
+    return jax.lax.dynamic_slice_in_dim(a, row, n)
+
+
+def _set_rows(a, row, v):
+    return jax.lax.dynamic_update_slice_in_dim(a, v.astype(a.dtype), row, 0)
+
 
 def _xla_swiglu_fwd(lhs_GD, wg_EDF, wu_EDF, wd_EFD, padded_sizes_E, tm):
     G, dt = lhs_GD.shape[0], lhs_GD.dtype
-    E, F, D_out = wg_EDF.shape[0], wg_EDF.shape[2], wd_EFD.shape[2]
-    first_E, end_E = _expert_tiles(padded_sizes_E, tm)
+    F, D_out = wg_EDF.shape[2], wd_EFD.shape[2]
 
-    def expert(e, carry):
-        wg_DF, wu_DF, wd_FD = wg_EDF[e], wu_EDF[e], wd_EFD[e]
-
-        def tile(i, carry):
-            out_GD, g_GF, u_GF = carry
-            x_tD = _tile(lhs_GD, i, tm)
-            g_tF = _dot(x_tD, wg_DF).astype(dt)
-            u_tF = _dot(x_tD, wu_DF).astype(dt)
-            y_tD = _dot(jax.nn.silu(g_tF) * u_tF, wd_FD)
-            return _put(out_GD, i, y_tD, tm), _put(g_GF, i, g_tF, tm), _put(u_GF, i, u_tF, tm)
-
-        return jax.lax.fori_loop(first_E[e], end_E[e], tile, carry)
+    def rows_fn(w, row, n, carry):
+        wg_DF, wu_DF, wd_FD = w
+        out_GD, g_GF, u_GF = carry
+        x_nD = _rows(lhs_GD, row, n)
+        g_nF = _dot(x_nD, wg_DF).astype(dt)
+        u_nF = _dot(x_nD, wu_DF).astype(dt)
+        y_nD = _dot(jax.nn.silu(g_nF) * u_nF, wd_FD)
+        return _set_rows(out_GD, row, y_nD), _set_rows(g_GF, row, g_nF), _set_rows(u_GF, row, u_nF)
 
     zeros_GF = jnp.zeros((G, F), dt)
-    out_GD, g_GF, u_GF = jax.lax.fori_loop(
-        0, E, expert, (jnp.zeros((G, D_out), dt), zeros_GF, zeros_GF))
+    out_GD, g_GF, u_GF = _per_expert(
+        G, padded_sizes_E, tm, (jnp.zeros((G, D_out), dt), zeros_GF, zeros_GF),
+        lambda e, carry: ((wg_EDF[e], wu_EDF[e], wd_EFD[e]), carry),
+        rows_fn, lambda e, w, inner, carry: inner)
     return out_GD, (lhs_GD, g_GF, u_GF, wg_EDF, wu_EDF, wd_EFD, padded_sizes_E)
 
 
 def _xla_swiglu_bwd(tm, res, dout_GD):
     lhs_GD, g_GF, u_GF, wg_EDF, wu_EDF, wd_EFD, padded_sizes_E = res
-    dt, E = lhs_GD.dtype, wg_EDF.shape[0]
+    dt = lhs_GD.dtype
     dout_GD = dout_GD.astype(dt)
-    first_E, end_E = _expert_tiles(padded_sizes_E, tm)
     f32 = lambda w: jnp.zeros(w.shape, jnp.float32)
 
-    def expert(e, carry):
-        dx_GD, dwg_EDF, dwu_EDF, dwd_EFD = carry
-        wg_DF, wu_DF, wd_FD = wg_EDF[e], wu_EDF[e], wd_EFD[e]
+    def expert_init(e, carry):
+        w = (wg_EDF[e], wu_EDF[e], wd_EFD[e])
+        return w, (carry[0], *(f32(a) for a in w))  # weight grads accumulate in a [K, N] carry
 
-        def tile(i, carry):
-            dx_GD, dwg_DF, dwu_DF, dwd_FD = carry
-            x_tD, dy_tD = _tile(lhs_GD, i, tm), _tile(dout_GD, i, tm)
-            h_tF, silu_vjp = jax.vjp(lambda g, u: jax.nn.silu(g) * u,
-                                     _tile(g_GF, i, tm), _tile(u_GF, i, tm))
-            dg_tF, du_tF = silu_vjp(_dot_nt(dy_tD, wd_FD).astype(dt))
-            dx_tD = _dot_nt(dg_tF, wg_DF) + _dot_nt(du_tF, wu_DF)
-            return (_put(dx_GD, i, dx_tD, tm), dwg_DF + _dot_t(x_tD, dg_tF),
-                    dwu_DF + _dot_t(x_tD, du_tF), dwd_FD + _dot_t(h_tF, dy_tD))
+    def rows_fn(w, row, n, inner):
+        wg_DF, wu_DF, wd_FD = w
+        dx_GD, dwg_DF, dwu_DF, dwd_FD = inner
+        x_nD, dy_nD = _rows(lhs_GD, row, n), _rows(dout_GD, row, n)
+        h_nF, silu_vjp = jax.vjp(lambda g, u: jax.nn.silu(g) * u,
+                                 _rows(g_GF, row, n), _rows(u_GF, row, n))
+        dg_nF, du_nF = silu_vjp(_dot_nt(dy_nD, wd_FD).astype(dt))
+        dx_nD = _dot_nt(dg_nF, wg_DF) + _dot_nt(du_nF, wu_DF)
+        return (_set_rows(dx_GD, row, dx_nD), dwg_DF + _dot_t(x_nD, dg_nF),
+                dwu_DF + _dot_t(x_nD, du_nF), dwd_FD + _dot_t(h_nF, dy_nD))
 
-        dx_GD, dwg_DF, dwu_DF, dwd_FD = jax.lax.fori_loop(
-            first_E[e], end_E[e], tile, (dx_GD, f32(wg_DF), f32(wu_DF), f32(wd_FD)))
+    def expert_done(e, w, inner, carry):
+        dx_GD, dwg_DF, dwu_DF, dwd_FD = inner
+        _, dwg_EDF, dwu_EDF, dwd_EFD = carry
         return (dx_GD, dwg_EDF.at[e].set(dwg_DF), dwu_EDF.at[e].set(dwu_DF),
                 dwd_EFD.at[e].set(dwd_FD))
 
-    dx_GD, dwg, dwu, dwd = jax.lax.fori_loop(
-        0, E, expert, (jnp.zeros_like(lhs_GD), f32(wg_EDF), f32(wu_EDF), f32(wd_EFD)))
+    dx_GD, dwg, dwu, dwd = _per_expert(
+        lhs_GD.shape[0], padded_sizes_E, tm, (jnp.zeros_like(lhs_GD), f32(wg_EDF), f32(wu_EDF), f32(wd_EFD)),
+        expert_init, rows_fn, expert_done)
     return (dx_GD, dwg.astype(wg_EDF.dtype), dwu.astype(wu_EDF.dtype), dwd.astype(wd_EFD.dtype),
             None)
 

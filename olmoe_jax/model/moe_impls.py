@@ -30,7 +30,7 @@ def tile_rows(num_slots: int, num_experts: int, backend: str = "pallas") -> int:
     E * (tm - 1) rows of padding. On the `xla` backend (CPU) an eighth of the average group,
     16 to 128: its fused loop slices each expert's weights once, so a small tile costs little
     and padding (~tm/2 rows per expert) shrinks; measured fwd+bwd, T=2048, 64 experts top-8
-    (average group 256): tm 32 beat 128 by ~7% and 16 or 64 (benchmarks/README.md)."""
+    (average group 256): tm 32 beat 128 by ~7%, and 16 or 64."""
     avg = -(-num_slots // num_experts)
     if backend == "xla":
         return int(min(128, max(16, 1 << max(0, (avg // 8).bit_length() - 1))))
