@@ -9,7 +9,8 @@ which is what the `xla` and `pallas` backends exploit.
 
 Backends:
   xla        a scan over tiles, each a [tm, K] @ [K, N] matmul with its expert's weight
-             (slack tiles skipped by a cond). The CPU default: forward + backward measured
+             (slack tiles skipped by a cond); the MoE layer uses `gmm_swiglu` instead, whose
+             xla path is one fused loop per expert (below). The CPU default: forward + backward measured
              (benchmarks/gmm_cpu.py, tm=128) at 1.2-1.7x one dense matmul of the unpadded
              FLOPs, the rest being group padding; `jax.lax.ragged_dot` on XLA:CPU computes
              every group for every row (58x dense there). Batching tiles with per-tile gathered
@@ -307,9 +308,10 @@ def gmm_swiglu(lhs_GD, w_gate_EDF, w_up_EDF, w_down_EFD, padded_sizes_E, *, tm: 
 
     The routed SwiGLU experts on the `permute` layout, as `gmm` defines its rows (slack rows
     give zero output and zero gradient); the weights share lhs's dtype. On the `xla` backend
-    one loop over each expert's tiles does all three products per tile and one loop the
-    backward (saving only the gate and up activations, never a concatenated weight); slack
-    tiles are never visited. Other backends run two `gmm` calls on the gate|up concatenation and one on
+    one loop over the experts, within each over its group in 128-row chunks and then tm-row
+    tiles, does all three products per block, and one such loop the backward (saving only the
+    gate and up activations, never a concatenated weight); slack tiles are never visited.
+    Other backends run two `gmm` calls on the gate|up concatenation and one on
     w_down.
     """
     G, K = lhs_GD.shape
