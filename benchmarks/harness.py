@@ -264,12 +264,21 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def worker_env() -> dict:
+    """The environment of every worker process, ours and torch's alike: this one, plus malloc
+    on transparent huge pages where the machine offers them, as `olmoe` runs (launch/host_memory.py)."""
+    from launch.host_memory import with_huge_pages  # pylint: disable=import-outside-toplevel
+
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT)
+    return with_huge_pages(env) or env
+
+
 def run_worker(script: str, args: list[str], timeout: float = 600) -> dict:
     """Runs `python script args` in a fresh process (its own peak RSS, its own thread pools)
     and returns the JSON object it prints on its last stdout line."""
     cmd = [sys.executable, script, *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT,
-                          env=dict(os.environ, PYTHONPATH=REPO_ROOT))
+    env = worker_env()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT, env=env)
     if proc.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     sys.stdout.write("".join(l + "\n" for l in proc.stdout.splitlines()[:-1]))
@@ -295,6 +304,7 @@ def machine_info() -> dict:
         "python": platform.python_version(), "jax": version("jax"), "jaxlib": version("jaxlib"),
         "torch": version("torch"), "transformers": version("transformers"),
         "xla_flags": os.environ.get("XLA_FLAGS", ""), "git_commit": _git_commit(),
+        "workers_glibc_tunables": worker_env().get("GLIBC_TUNABLES", ""),
     }
 
 

@@ -44,7 +44,7 @@ def main(argv=None):
         load0, t0 = os.getloadavg(), time.time()
         print(f"=== {name} (load {load0[0]:.2f})", flush=True)
         proc = subprocess.run([sys.executable, os.path.join(HERE, f"{name}.py"), *extra], cwd=os.path.dirname(HERE),
-                              env=dict(os.environ, PYTHONPATH=os.path.dirname(HERE)))
+                              env=harness.worker_env())
         runs.append({"name": name, "returncode": proc.returncode, "wall_s": time.time() - t0,
                      "load_before": list(load0), "load_after": list(os.getloadavg())})
         print(f"=== {name}: exit {proc.returncode}, {runs[-1]['wall_s']:.0f} s", flush=True)
@@ -54,7 +54,8 @@ def main(argv=None):
              f"One run of `python benchmarks/run_all.py`, started {machine['date']} on {machine['cpus_usable']} x "
              f"{machine['cpu']} (load average at start {machine['load_avg_1_5_15'][0]:.2f}); jax "
              f"{machine['jax']}, torch {machine['torch']}, transformers {machine['transformers']}; commit "
-             f"{machine['git_commit']}.", "",
+             f"{machine['git_commit']}; every benchmark process started with GLIBC_TUNABLES="
+             f"'{machine['workers_glibc_tunables']}' (launch/host_memory.py).", "",
              "| benchmark | target | measured | required | |", "|---|---|---|---|---|"]
     sections = []
     for run in runs:

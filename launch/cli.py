@@ -58,5 +58,13 @@ def main(argv=None) -> int:
         return 2
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """The console script: main() in a process with huge pages for malloc (host_memory.py)."""
+    from launch.host_memory import reexec_with_huge_pages  # pylint: disable=import-outside-toplevel
+
+    reexec_with_huge_pages()
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()
