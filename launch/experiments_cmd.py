@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+import yaml
+
 from launch.common import resolve_config
 
 
@@ -19,7 +21,8 @@ def run(args) -> int:
     import experiments  # pylint: disable=import-outside-toplevel
 
     if args.config:
-        print(resolve_config(args.config, args.overrides).to_yaml(), end="")
+        # Plain YAML of the values (ConfigDict.to_yaml tags nested sections as Python objects).
+        print(yaml.safe_dump(resolve_config(args.config, args.overrides).to_dict(), sort_keys=False), end="")
         return 0
     if args.params:
         cfg = resolve_config(args.params, args.overrides)
