@@ -116,6 +116,18 @@ def gemm_peak(n: int = 2048, iters: int = 7) -> dict:
             "best_flops_per_s": flops / t["min_s"], **t}
 
 
+def pooled_gemm_peak(*peaks: dict) -> dict:
+    """One peak from several `gemm_peak` runs, e.g. before and after a timed section, so that
+    a slow drift of a shared machine's speed during the section moves both sides of an MFU
+    ratio alike: the median and best over all their calls."""
+    times = sorted(t for p in peaks for t in p["times_s"])
+    flops = 2.0 * peaks[0]["n"] ** 3
+    median = statistics.median(times)
+    return {**peaks[0], "flops_per_s": flops / median, "best_flops_per_s": flops / times[0],
+            "median_s": median, "min_s": times[0], "times_s": times,
+            "cpu_s": statistics.fmean(p["cpu_s"] for p in peaks), "runs": len(peaks)}
+
+
 # ------------------------------------------------------------------ relative error checks
 
 def rel_err(ours, ref) -> float:
