@@ -48,8 +48,8 @@ def run(args) -> int:
 
     ensure_new_workdir(args.workdir)
     cfg, params = import_hf(args.hf, base_config(args), overrides=args.overrides)
-    note = hf_tokenizer.copy_hf_tokenizer(args.hf, args.workdir, cfg)
     validate(cfg)
+    note = hf_tokenizer.copy_hf_tokenizer(args.hf, args.workdir, cfg)  # checks before it writes
     save_params(args.workdir, params, cfg)
     total, active = count_params(cfg)
     print(

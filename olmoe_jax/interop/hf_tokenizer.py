@@ -16,16 +16,18 @@ The test checks ids and decoded text against sentencepiece on thousands of held-
 known difference, HF's convention: a control piece written literally in the text (e.g. the string
 "<|endoftext|>") becomes that special token in HF, while SentencePiece spells it out.
 
-Import: tokenizer files found in the HF folder are copied into `<workdir>/tokenizer/` and the
-config's data section points at them.
+Import: tokenizer files found in the HF folder are checked against the config (vocabulary within
+model.vocab_size), then copied into `<workdir>/tokenizer/`, and the config's data section points
+at them.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 
-from olmoe_jax.data.tokenizers import SentencePieceTokenizer, Tokenizer, WithEos
+from olmoe_jax.data.tokenizers import SentencePieceTokenizer, Tokenizer, WithEos, make_tokenizer
 from olmoe_jax.interop.hf_export import write_json
 
 HF_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -168,26 +170,37 @@ def spm_to_hf(proto: bytes):
     return tok
 
 
+def _find_hf_tokenizer(hf_folder: str):
+    """(kind, [(source file, name in <workdir>/tokenizer)], path to load) or None."""
+    if os.path.isfile(os.path.join(hf_folder, "tokenizer.json")):
+        files = [(os.path.join(hf_folder, n), n) for n in HF_FILES if os.path.isfile(os.path.join(hf_folder, n))]
+        return "hf", files, hf_folder
+    for name in ("tokenizer.model", "spiece.model"):
+        src = os.path.join(hf_folder, name)
+        if os.path.isfile(src):
+            return "sentencepiece", [(src, "tokenizer.model")], src
+    return None
+
+
 def copy_hf_tokenizer(hf_folder: str, workdir: str, cfg) -> str | None:
     """Copies the HF folder's tokenizer into <workdir>/tokenizer and points cfg.data at it.
 
-    Returns a note of what was done, or None when the folder has no tokenizer files.
+    The tokenizer is loaded and checked against cfg (ids within model.vocab_size, the EOS id)
+    first: a DataError names the mismatch and nothing is written. Returns a note of what was
+    done, or None when the folder has no tokenizer files.
     """
+    found = _find_hf_tokenizer(hf_folder)
+    if found is None:
+        return None
+    kind, files, load_from = found
+    probe = copy.deepcopy(cfg)
+    probe.data.update(tokenizer=kind, tokenizer_path=load_from)
+    make_tokenizer(probe)
     dest = os.path.join(os.path.abspath(workdir), "tokenizer")
-    if os.path.isfile(os.path.join(hf_folder, "tokenizer.json")):
-        os.makedirs(dest, exist_ok=True)
-        for name in HF_FILES:
-            if os.path.isfile(os.path.join(hf_folder, name)):
-                shutil.copyfile(os.path.join(hf_folder, name), os.path.join(dest, name))
-        cfg.data.update(tokenizer="hf", tokenizer_path=dest)
-        return f"tokenizer.json copied to {dest}"
-    for name in ("tokenizer.model", "spiece.model"):
-        if os.path.isfile(os.path.join(hf_folder, name)):
-            os.makedirs(dest, exist_ok=True)
-            shutil.copyfile(os.path.join(hf_folder, name), os.path.join(dest, "tokenizer.model"))
-            cfg.data.update(
-                tokenizer="sentencepiece", tokenizer_path=os.path.join(dest, "tokenizer.model")
-            )
-            return f"SentencePiece {name} copied to {dest}"
-    return None
+    os.makedirs(dest, exist_ok=True)
+    for src, name in files:
+        shutil.copyfile(src, os.path.join(dest, name))
+    path = dest if kind == "hf" else os.path.join(dest, "tokenizer.model")
+    cfg.data.update(tokenizer=kind, tokenizer_path=path)
+    return f"{os.path.basename(files[0][0])} copied to {dest}"
 

@@ -146,3 +146,16 @@ def test_refuses_existing_workdir_and_nonempty_out(tmp_path, capsys):
     assert code == 2 and "already holds a run" in err
     code, _, err = _olmoe(capsys, "export-hf", "--workdir", w, "--out", tmp_path / "hf")
     assert code == 2 and "not empty" in err
+
+
+def test_import_refuses_a_tokenizer_larger_than_the_model_before_writing(tmp_path, capsys):
+    hf = tmp_path / "hf"
+    build_hf("k1_mha_norm_tied", hf)  # vocab_size 97
+    tok = write_tiny_tokenizer(hf, vocab_size=400)  # as many pieces as the texts give
+    assert tok.get_vocab_size() > 97
+    w = tmp_path / "w"
+    code, _, err = _olmoe(capsys, "import-hf", "--hf", hf, "--workdir", w, *DENSE_REF)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert f"the tokenizer has {tok.get_vocab_size()} ids but model.vocab_size=97" in lines[0]
+    assert not w.exists()
