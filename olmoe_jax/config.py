@@ -56,6 +56,7 @@ def default_config() -> ml_collections.ConfigDict:
     m.compute_dtype = "float32"  # float32 | bfloat16
     m.remat = "none"  # none | full | dots (save matmul outputs)
     m.scan_layers = True
+    m.ce_chunks = 0  # output layer + cross-entropy in this many sequence chunks (0: auto, ~16 MB each)
 
     d = c.data = ml_collections.ConfigDict()
     d.source = "builtin"  # builtin | npy | jsonl | tfds
@@ -128,7 +129,7 @@ _POSITIVE = (
 )
 _NON_NEGATIVE = (
     "model.head_dim", "model.num_shared_experts", "model.capacity_factor", "model.lb_loss_weight",
-    "model.z_loss_weight", "model.init_std", "model.norm_eps", "optim.lr", "optim.weight_decay",
+    "model.z_loss_weight", "model.init_std", "model.ce_chunks", "model.norm_eps", "optim.lr", "optim.weight_decay",
     "optim.clip_norm", "optim.warmup_steps", "optim.decay_steps", "data.eval_batches",
     "data.num_workers",
 )
@@ -186,6 +187,10 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
         raise ConfigError("optim.b1 and optim.b2 must be in [0, 1)")
     if cfg.optim.eps <= 0:
         raise ConfigError(f"optim.eps={cfg.optim.eps} must be > 0")
+    if m.ce_chunks and cfg.data.seq_len % m.ce_chunks:
+        raise ConfigError(
+            f"model.ce_chunks={m.ce_chunks} does not divide data.seq_len={cfg.data.seq_len}; "
+            "choose a divisor, or 0 (auto)")
     if cfg.data.seq_len > m.max_seq_len:
         raise ConfigError(
             f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}")

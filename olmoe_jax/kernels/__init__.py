@@ -5,15 +5,19 @@ permute   tokens -> expert-sorted, tile-padded rows, and unpermute (weighted com
 gmm       grouped matmul over tile-padded groups; backends xla | pallas | megablox |
           ragged_dot | tokamax behind one function, `auto` per platform (gmm.py); gmm_swiglu
           the routed SwiGLU experts on top of it (one fused tile loop on xla)
+head_ce   the output layer + cross-entropy in sequence chunks, gradients made on the way
+          forward (no [B, T, V] logits kept)
 All are pure functions on plain arrays (no config, no globals), so a shard_map over experts
 can wrap them.
 """
 from olmoe_jax.kernels.gmm import BACKENDS, default_backend, gmm, gmm_swiglu, tile_owners
+from olmoe_jax.kernels.head_ce import head_cross_entropy
 from olmoe_jax.kernels.permute import Layout, make_layout, num_rows, permute, unpermute
 from olmoe_jax.kernels.router import RouterOut, router, router_reference
 
 __all__ = [
-    "BACKENDS", "Layout", "RouterOut", "default_backend", "gmm", "gmm_swiglu", "make_layout",
+    "BACKENDS", "Layout", "RouterOut", "default_backend", "gmm", "gmm_swiglu", "head_cross_entropy",
+    "make_layout",
     "num_rows",
     "permute", "router", "router_reference", "tile_owners", "unpermute",
 ]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from olmoe_jax import kernels
 from olmoe_jax.model import transformer
 
 
@@ -66,8 +67,10 @@ def router_losses(aux, cfg):
 
 def loss_fn(params, batch, cfg):
     """(total loss, metrics) for a batch {inputs, targets, loss_mask} [B, T]."""
-    logits, aux = transformer.apply(params, batch["inputs"], cfg)
-    ce, ntok = cross_entropy(logits, batch["targets"], batch["loss_mask"].astype(jnp.float32))
+    # The output layer and the cross-entropy run fused, in sequence chunks (no [B, T, V] logits).
+    x, aux = transformer.apply(params, batch["inputs"], cfg, return_hidden=True)
+    ce, ntok = kernels.head_cross_entropy(x, transformer.head_weights(params, cfg), batch["targets"],
+                                          batch["loss_mask"], cfg.model.ce_chunks)
     extra, metrics = router_losses(aux, cfg)
     metrics.update(ce_loss=ce, tokens=ntok)
     total = ce + extra

@@ -136,11 +136,20 @@ _REMAT = {
 }
 
 
-def apply(params, tokens_BT, cfg, *, positions_BT=None, cache=None, return_routing=False):
+def head_weights(params, cfg):
+    """The output layer [D, V] in the compute dtype (the embedding's transpose when tied)."""
+    head = params["embed"].T if cfg.model.tie_embeddings else params["lm_head"]
+    return head.astype(jnp.dtype(cfg.model.compute_dtype))
+
+
+def apply(params, tokens_BT, cfg, *, positions_BT=None, cache=None, return_routing=False,
+          return_hidden=False):
     """Logits [B, T, V] (float32) and aux (router statistics per layer; see docs/interfaces.md).
 
     tokens_BT: int32 token ids. positions_BT: defaults to 0..T-1, or cache index + 0..T-1.
     cache: from `init_cache`; the returned aux["cache"] holds the keys/values written.
+    return_hidden: return the final-norm hidden states [B, T, D] (compute dtype) instead of
+    the logits, for a loss that applies `head_weights` itself (kernels.head_cross_entropy).
     """
     m = cfg.model
     dt = jnp.dtype(m.compute_dtype)
@@ -174,12 +183,12 @@ def apply(params, tokens_BT, cfg, *, positions_BT=None, cache=None, return_routi
     x, (stats, new_kv) = jax.lax.scan(
         layer, x, (params["layers"], kv), unroll=1 if m.scan_layers else m.num_layers)
     x = layers.norm(x, params.get("final_norm"), cfg)
-    head = params["embed"].T if m.tie_embeddings else params["lm_head"]
-    logits = jnp.einsum("btd,dv->btv", x, head.astype(dt), preferred_element_type=jnp.float32)
+    out = x if return_hidden else jnp.einsum("btd,dv->btv", x, head_weights(params, cfg),
+                                              preferred_element_type=jnp.float32)
 
     aux = dict(stats)
     if "topk_idx" in aux:
         aux["routing"] = aux.pop("topk_idx")
     if cache is not None:
         aux["cache"] = {"k": new_kv[0], "v": new_kv[1], "index": cache["index"] + T}
-    return logits, aux
+    return out, aux
