@@ -86,8 +86,10 @@ def _head_ce_fwd(x_BTD, w_DV, targets_BT, mask_BT, chunks):
         total, dw_DV = carry
         x_c, t_c, m_c = c
         logits, lse, tgt = _chunk_logits(x_c, w_DV, t_c)
-        # d(mean NLL)/d logits = (softmax - one_hot) * mask / n; in the compute dtype for the
-        # two matmuls, as autodiff of the einsum would run them.
+        # d(mean NLL)/d logits = (softmax - one_hot) * mask / n, rounded to the compute dtype so
+        # that in bf16 the two matmuls run as bf16 matmuls (autodiff of the f32-output einsum
+        # would run them in f32). Error against an all-f32 run, bf16 inputs, [4, 64] tokens,
+        # vocab 500: dx 3.4e-3 / dw 2.9e-3 of the largest entry, autodiff's 3.0e-3 / 2.7e-3.
         d = jnp.exp(logits - lse[..., None]) - jax.nn.one_hot(t_c, logits.shape[-1], dtype=jnp.float32)
         d = (d * (m_c * inv_n)[..., None]).astype(dt)
         dx_c = jnp.einsum("btv,dv->btd", d, w_DV, preferred_element_type=jnp.float32).astype(dt)

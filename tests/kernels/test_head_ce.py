@@ -3,8 +3,8 @@ differentiated by jax itself, and the model's loss through it against logits + c
 
 Tolerances: float32 loss within 1e-6 relative and gradients within 1e-5 of their largest
 entry (the same sums in another order); bfloat16 inputs: the gradients' matmuls take the
-logit gradient rounded to bfloat16 (as autodiff of a bf16 einsum does), so within 2^-7 of
-the largest entry.
+logit gradient rounded to bfloat16 and the results are bfloat16, so against float32
+gradients within 2^-7 of the largest entry (one rounding of each, with margin).
 """
 import jax
 import jax.numpy as jnp
