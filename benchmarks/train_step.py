@@ -84,7 +84,6 @@ def library_step(cfg):
     is what the training loop calls; `lowered` is the same jit, lowered, for XLA's memory
     analysis. The one place here that knows the step module's API."""
     from olmoe_jax.parallel.mesh import make_mesh
-    from olmoe_jax.parallel import rules
     from olmoe_jax.train import step as step_lib
 
     import jax
@@ -94,10 +93,7 @@ def library_step(cfg):
     state = step_lib.init_state(cfg, shardings)
     batch = step_lib.global_batch(make_batch(cfg), mesh)
     step = step_lib.make_train_step(cfg, mesh, shardings)
-    # make_train_step's own jit (a closure) cannot be lowered from outside: rebuild it.
-    lowered = jax.jit(step_lib.train_step, static_argnums=2, donate_argnums=0,
-                      in_shardings=(shardings, rules.batch_sharding(mesh)),
-                      out_shardings=(shardings, rules.replicated(mesh))).lower(state, batch, step_lib.frozen(cfg))
+    lowered = step_lib.lower_train_step(cfg, mesh, shardings, state, batch)
     return state, batch, step, lowered
 
 

@@ -27,7 +27,7 @@ def run(args) -> int:
 
     from olmoe_jax import data as data_lib
     from olmoe_jax.config import apply_overrides, validate
-    from olmoe_jax.parallel import rules
+    from olmoe_jax.model import transformer
     from olmoe_jax.parallel.mesh import make_mesh
     from olmoe_jax.train import checkpoint, loop
     from olmoe_jax.train import step as step_lib
@@ -51,7 +51,7 @@ def run(args) -> int:
                                          process_count=jax.process_count())
     entropy = data_lib.unigram_entropy(cfg, tok)
     mesh = make_mesh(cfg)
-    shardings = rules.param_shardings(cfg, mesh)
+    shardings = transformer.param_shardings(cfg, mesh)
     params = checkpoint.load_params(args.workdir, step, shardings=shardings)
     val = loop.evaluate(step_lib.make_eval_step(cfg, mesh, shardings), params, batches, mesh)
     if args.json:

@@ -265,10 +265,12 @@ def mesh_shape(cfg, num_devices: int) -> dict[str, int]:
             f"mesh.expert={sizes['expert']} must divide model.num_experts={m.num_experts}")
     if m.num_kv_heads % sizes["tensor"]:
         raise ConfigError(f"mesh.tensor={sizes['tensor']} must divide model.num_kv_heads={m.num_kv_heads}")
-    if cfg.data.batch_size % (sizes["data"] * sizes["fsdp"]):
+    # The batch is split over data x fsdp x expert (parallel/rules.py, ACTIVATION_RULES "batch").
+    ways = sizes["data"] * sizes["fsdp"] * sizes["expert"]
+    if cfg.data.batch_size % ways:
         raise ConfigError(
-            f"data.batch_size={cfg.data.batch_size} must be divisible by mesh.data*mesh.fsdp="
-            f"{sizes['data'] * sizes['fsdp']}")
+            f"data.batch_size={cfg.data.batch_size} must be divisible by mesh.data*mesh.fsdp*mesh.expert="
+            f"{ways}")
     return sizes
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from olmoe_jax.parallel.rules import constrain
+
 
 def rms_norm(x, scale, eps: float):
     """RMSNorm over the trailing axes covered by `scale` (all of them when scale is None).
@@ -53,9 +55,15 @@ def rope(x_BTHd, positions_BT, theta: float):
     return out.astype(x_BTHd.dtype)
 
 
-def swiglu(x, w_gate, w_up, w_down):
-    """down(silu(x @ gate) * (x @ up)); weights [D, F], [D, F], [F, D]."""
-    return (jax.nn.silu(x @ w_gate) * (x @ w_up)) @ w_down
+def swiglu(x, w_gate, w_up, w_down, mesh=None):
+    """down(silu(x @ gate) * (x @ up)); weights [D, F], [D, F], [F, D].
+
+    mesh: x is [B, T, D] under a sharded jit: the hidden [B, T, F] is constrained to the
+    batch split with F over tensor (parallel/rules.py)."""
+    h = jax.nn.silu(x @ w_gate) * (x @ w_up)
+    if mesh is not None:
+        h = constrain(h, ("batch", "length", "mlp"), mesh)
+    return h @ w_down
 
 
 def _attend(q_BTKGh, keys_BSKh, values_BSKh, mask_BTS, dt):
@@ -73,7 +81,7 @@ def _attend(q_BTKGh, keys_BSKh, values_BSKh, mask_BTS, dt):
 CAUSAL_BLOCKS = 4
 
 
-def attention(p, x_BTD, positions_BT, cfg, cache=None, *, in_order: bool = False):
+def attention(p, x_BTD, positions_BT, cfg, cache=None, *, in_order: bool = False, mesh=None):
     """Causal multi-head attention with GQA, OLMoE QK-norm and RoPE.
 
     p: one layer's weights {wq [D,H,hd], wk/wv [D,K,hd], wo [H,hd,D], q_norm [H,hd], k_norm [K,hd]}.
@@ -81,6 +89,8 @@ def attention(p, x_BTD, positions_BT, cfg, cache=None, *, in_order: bool = False
     are written at positions index..index+T, and queries attend to everything written so far.
     in_order: positions are 0..T-1 in every row (no cache), so keys after a query block can be
     skipped, not just masked.
+    mesh: under a sharded jit, queries/keys/values are constrained to the batch split with
+    heads over tensor (parallel/rules.py); None: no constraints.
     Returns (y_BTD, new_cache or None).
     """
     m = cfg.model
@@ -91,8 +101,9 @@ def attention(p, x_BTD, positions_BT, cfg, cache=None, *, in_order: bool = False
     if m.qk_norm:  # over the whole projection, before RoPE (OLMoE)
         q = norm(q, p.get("q_norm"), cfg, num_axes=2)
         k = norm(k, p.get("k_norm"), cfg, num_axes=2)
-    q = rope(q, positions_BT, m.rope_theta)
-    k = rope(k, positions_BT, m.rope_theta)
+    q = constrain(rope(q, positions_BT, m.rope_theta), ("batch", "length", "heads", "head_dim"), mesh)
+    k = constrain(rope(k, positions_BT, m.rope_theta), ("batch", "length", "kv_heads", "head_dim"), mesh)
+    v = constrain(v, ("batch", "length", "kv_heads", "head_dim"), mesh)
 
     B, T, H, hd = q.shape
     K = k.shape[2]

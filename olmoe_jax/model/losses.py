@@ -65,10 +65,12 @@ def router_losses(aux, cfg):
     return total, metrics
 
 
-def loss_fn(params, batch, cfg):
-    """(total loss, metrics) for a batch {inputs, targets, loss_mask} [B, T]."""
+def loss_fn(params, batch, cfg, mesh=None):
+    """(total loss, metrics) for a batch {inputs, targets, loss_mask} [B, T].
+
+    mesh: the device mesh under a sharded jit (activation constraints, expert parallelism)."""
     # The output layer and the cross-entropy run fused, in sequence chunks (no [B, T, V] logits).
-    x, aux = transformer.apply(params, batch["inputs"], cfg, return_hidden=True)
+    x, aux = transformer.apply(params, batch["inputs"], cfg, return_hidden=True, mesh=mesh)
     ce, ntok = kernels.head_cross_entropy(x, transformer.head_weights(params, cfg), batch["targets"],
                                           batch["loss_mask"], cfg.model.ce_chunks)
     extra, metrics = router_losses(aux, cfg)

@@ -45,11 +45,12 @@ def _impl(cfg) -> Callable:
     return IMPLS[name]
 
 
-def moe_block(p, x_BTD, cfg):
+def moe_block(p, x_BTD, cfg, mesh=None):
     """One layer's MoE FFN. p: {router [D,E], w_gate/w_up [E,D,F], w_down [E,F,D], shared_*}.
 
     Returns (y_BTD, stats) with stats {tokens_per_expert [E], prob_mean [E], z_loss [],
     dropped_frac [], topk_idx [B,T,k]}. Tokens of the whole (local) batch are routed together.
+    mesh: the device mesh under a sharded jit (expert parallelism), or None.
     """
     B, T, D = x_BTD.shape
     x_TD = x_BTD.reshape(B * T, D)

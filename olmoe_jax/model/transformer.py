@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from olmoe_jax.config import head_dim
 from olmoe_jax.model import layers
 from olmoe_jax.model.moe import moe_block
+from olmoe_jax.parallel import rules
 
 
 class ParamSpec(NamedTuple):
@@ -86,6 +87,12 @@ def abstract_params(cfg):
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), param_specs(cfg), is_leaf=_is_spec)
 
 
+def param_shardings(cfg, mesh):
+    """NamedShardings of the params on `mesh`, from the logical axes and parallel/rules.py's
+    table; ConfigError naming the weight and the mesh key when a sharded dim does not divide."""
+    return rules.tree_shardings(logical_axes(cfg), abstract_params(cfg), mesh)
+
+
 def init(cfg, rng) -> dict[str, Any]:
     """Initialises every weight: normal or truncated normal (std, cutoff in stds); norms to one.
 
@@ -143,13 +150,16 @@ def head_weights(params, cfg):
 
 
 def apply(params, tokens_BT, cfg, *, positions_BT=None, cache=None, return_routing=False,
-          return_hidden=False):
+          return_hidden=False, mesh=None):
     """Logits [B, T, V] (float32) and aux (router statistics per layer; see docs/interfaces.md).
 
     tokens_BT: int32 token ids. positions_BT: defaults to 0..T-1, or cache index + 0..T-1.
     cache: from `init_cache`; the returned aux["cache"] holds the keys/values written.
     return_hidden: return the final-norm hidden states [B, T, D] (compute dtype) instead of
     the logits, for a loss that applies `head_weights` itself (kernels.head_cross_entropy).
+    mesh: the device mesh when called under a sharded jit: activations are constrained by
+    parallel/rules.py's activation table (batch split over data x fsdp x expert) and the MoE
+    block runs expert-parallel over it. None: no constraints (one device, generation).
     """
     m = cfg.model
     dt = jnp.dtype(m.compute_dtype)
@@ -158,33 +168,39 @@ def apply(params, tokens_BT, cfg, *, positions_BT=None, cache=None, return_routi
     if positions_BT is None:
         start = 0 if cache is None else cache["index"]
         positions_BT = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
-    x = jnp.take(params["embed"], tokens_BT, axis=0).astype(dt)
+    act = lambda a, names: rules.constrain(a, names, mesh)  # noqa: E731
+    BTD = ("batch", "length", "embed")
+    x_BTD = act(jnp.take(params["embed"], tokens_BT, axis=0).astype(dt), BTD)
 
-    def layer(x, xs):
+    def layer(x_BTD, xs):
         p, kv = xs
         c = None if kv is None else {"k": kv[0], "v": kv[1], "index": cache["index"]}
-        h = layers.norm(x, p.get("attn_norm"), cfg)
-        a, c = layers.attention(p, h, positions_BT, cfg, c, in_order=in_order)
-        x = x + a
-        h = layers.norm(x, p.get("mlp_norm"), cfg)
+        h_BTD = act(layers.norm(x_BTD, p.get("attn_norm"), cfg), BTD)
+        a_BTD, c = layers.attention(p, h_BTD, positions_BT, cfg, c, in_order=in_order, mesh=mesh)
+        x_BTD = act(x_BTD + a_BTD, BTD)
+        h_BTD = act(layers.norm(x_BTD, p.get("mlp_norm"), cfg), BTD)
         if m.ffn_type == "moe":
-            y, stats = moe_block(p["moe"], h, cfg)
+            y_BTD, stats = moe_block(p["moe"], h_BTD, cfg, mesh=mesh)
             if not return_routing:
                 stats = {k: v for k, v in stats.items() if k != "topk_idx"}
         else:
             q = p["mlp"]
-            y, stats = layers.swiglu(h, q["w_gate"].astype(dt), q["w_up"].astype(dt), q["w_down"].astype(dt)), {}
+            y_BTD, stats = layers.swiglu(h_BTD, q["w_gate"].astype(dt), q["w_up"].astype(dt),
+                                         q["w_down"].astype(dt), mesh=mesh), {}
         new_kv = None if c is None else (c["k"], c["v"])
-        return x + y, (stats, new_kv)
+        return act(x_BTD + y_BTD, BTD), (stats, new_kv)
 
     if m.remat != "none":
         layer = jax.checkpoint(layer, policy=_REMAT[m.remat], prevent_cse=False)
     kv = None if cache is None else (cache["k"], cache["v"])
-    x, (stats, new_kv) = jax.lax.scan(
-        layer, x, (params["layers"], kv), unroll=1 if m.scan_layers else m.num_layers)
-    x = layers.norm(x, params.get("final_norm"), cfg)
-    out = x if return_hidden else jnp.einsum("btd,dv->btv", x, head_weights(params, cfg),
-                                              preferred_element_type=jnp.float32)
+    x_BTD, (stats, new_kv) = jax.lax.scan(
+        layer, x_BTD, (params["layers"], kv), unroll=1 if m.scan_layers else m.num_layers)
+    x_BTD = act(layers.norm(x_BTD, params.get("final_norm"), cfg), BTD)
+    if return_hidden:
+        out = x_BTD
+    else:
+        out = act(jnp.einsum("btd,dv->btv", x_BTD, head_weights(params, cfg),
+                             preferred_element_type=jnp.float32), ("batch", "length", "vocab"))
 
     aux = dict(stats)
     if "topk_idx" in aux:

@@ -150,7 +150,7 @@ def load_params(workdir, step: int | None = None, *, shardings: Any = None):
     """Params from a params-only or a full training checkpoint (the newest when step is None).
 
     shardings: a params-shaped tree of Shardings to place them with (e.g.
-    `parallel.rules.param_shardings(cfg, mesh)`); default: all on the first device.
+    `transformer.param_shardings(cfg, mesh)`); default: all on the first device.
     """
     cfg = load_config(workdir)
     steps = checkpoint_steps(workdir)

@@ -32,7 +32,7 @@ def state_shardings(cfg, mesh: Mesh) -> TrainState:
     """A TrainState of NamedShardings: optimizer moments shard like their params, the rest
     (step, counters, rng) is replicated."""
     rep = rules.replicated(mesh)
-    p_sh = rules.param_shardings(cfg, mesh)
+    p_sh = transformer.param_shardings(cfg, mesh)
     tx = make_optimizer(cfg)
     abs_opt = jax.eval_shape(tx.init, transformer.abstract_params(cfg))
     opt_sh = optax.tree_map_params(
@@ -75,49 +75,60 @@ def state_from_params(cfg, params, shardings: TrainState) -> TrainState:
     return make(params, state_key, frozen(cfg))
 
 
-def train_step(state: TrainState, batch, cfg) -> tuple[TrainState, dict]:
+def train_step(state: TrainState, batch, cfg, mesh: Mesh | None = None) -> tuple[TrainState, dict]:
     """One AdamW update on a batch {inputs, targets int32 [B, T], loss_mask float32 [B, T]}.
 
     metrics: loss, ce_loss (nats/token), tokens (loss-mask sum), grad_norm (global L2 norm
     before clipping), lr (of this update), and for MoE models lb_loss, z_loss, their
     per-layer values [L], expert_load [L, E] (share of routed slots per expert) and
-    dropped_frac [L].
+    dropped_frac [L]. mesh: the mesh the step is sharded over (static; activation constraints
+    and expert parallelism), or None on one device.
     """
     tx = make_optimizer(cfg)
     grad_fn = jax.value_and_grad(losses.loss_fn, has_aux=True)
-    (_, metrics), grads = grad_fn(state.params, batch, cfg)
+    (_, metrics), grads = grad_fn(state.params, batch, cfg, mesh)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=make_schedule(cfg)(state.step))
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def eval_step(params, batch, cfg) -> dict:
+def eval_step(params, batch, cfg, mesh: Mesh | None = None) -> dict:
     """{ce_sum: summed token cross-entropy (nats), tokens: loss-mask sum} of one batch.
 
     Sums, not means, so the batches of a domain combine weighted by their real token count.
     """
-    _, metrics = losses.loss_fn(params, batch, cfg)
+    _, metrics = losses.loss_fn(params, batch, cfg, mesh)
     return {"ce_sum": metrics["ce_loss"] * metrics["tokens"], "tokens": metrics["tokens"]}
+
+
+def _jit_train_step(mesh: Mesh, shardings: TrainState):
+    return jax.jit(train_step, static_argnums=(2, 3), donate_argnums=0,
+                   in_shardings=(shardings, rules.batch_sharding(mesh)),
+                   out_shardings=(shardings, rules.replicated(mesh)))
 
 
 def make_train_step(cfg, mesh: Mesh, shardings: TrainState) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
     """train_step jitted: state sharded by `shardings` (and donated), batch by
     rules.batch_sharding, metrics replicated."""
-    jitted = jax.jit(train_step, static_argnums=2, donate_argnums=0,
-                     in_shardings=(shardings, rules.batch_sharding(mesh)),
-                     out_shardings=(shardings, rules.replicated(mesh)))
+    jitted = _jit_train_step(mesh, shardings)
     fcfg = frozen(cfg)
-    return lambda state, batch: jitted(state, batch, fcfg)
+    return lambda state, batch: jitted(state, batch, fcfg, mesh)
+
+
+def lower_train_step(cfg, mesh: Mesh, shardings: TrainState, state, batch):
+    """The train step as make_train_step jits it, lowered for `state` and `batch` (arrays or
+    ShapeDtypeStructs): `.compile()` gives the program, its memory and cost analyses."""
+    return _jit_train_step(mesh, shardings).lower(state, batch, frozen(cfg), mesh)
 
 
 def make_eval_step(cfg, mesh: Mesh, param_shardings) -> Callable[[Any, Any], dict]:
     """eval_step jitted: params as sharded for training, batch by rules.batch_sharding."""
-    jitted = jax.jit(eval_step, static_argnums=2,
+    jitted = jax.jit(eval_step, static_argnums=(2, 3),
                      in_shardings=(param_shardings, rules.batch_sharding(mesh)),
                      out_shardings=rules.replicated(mesh))
     fcfg = frozen(cfg)
-    return lambda params, batch: jitted(params, batch, fcfg)
+    return lambda params, batch: jitted(params, batch, fcfg, mesh)
 
 
 def global_batch(batch: dict, mesh: Mesh) -> dict:
