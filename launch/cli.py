@@ -20,7 +20,12 @@ COMMANDS = {
     "import-hf": ("launch.import_hf", "import a Hugging Face OLMoE (or Llama / OLMo dense) folder into a workdir"),
     "upcycle": ("launch.upcycle", "turn a dense checkpoint into an MoE (sparse upcycling)"),
     "experiments": ("launch.experiments_cmd", "list the experiment registry, print configs and parameter counts"),
+    "launch": ("launch.launch", "run an olmoe command on N local processes, a TPU pod slice or a SLURM job"),
 }
+
+# Global flags before COMMAND: this process's place in a multi-process run
+# (olmoe_jax/parallel/distributed.py; `olmoe launch` sets the same through the environment).
+DISTRIBUTED_FLAGS = ("--coordinator", "--num-processes", "--process-id")
 
 
 class UsageError(ValueError):
@@ -34,12 +39,43 @@ def _user_errors():
     return ConfigError, DataError, UsageError, FileNotFoundError
 
 
+def _pop_distributed_flags(argv: list[str]) -> tuple[list[str], dict]:
+    """Splits leading `--coordinator H:P --num-processes N --process-id I` (or `--flag=value`)
+    off argv: (the rest, {coordinator, num_processes, process_id} given)."""
+    dist = {}
+    while argv and argv[0].split("=")[0] in DISTRIBUTED_FLAGS:
+        flag, eq, value = argv[0].partition("=")
+        if not eq:
+            if len(argv) < 2:
+                raise UsageError(f"{flag} needs a value")
+            value, argv = argv[1], argv[1:]
+        argv = argv[1:]
+        key = flag[2:].replace("-", "_")
+        dist[key] = value if key == "coordinator" else _parse_int(flag, value)
+    return argv, dist
+
+
+def _parse_int(flag: str, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise UsageError(f"{flag} {value!r} is not an integer") from None
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="olmoe", description="OLMoE in JAX: train, evaluate, convert.")
+    parser = argparse.ArgumentParser(
+        prog="olmoe", description="OLMoE in JAX: train, evaluate, convert.",
+        epilog="multi-process: olmoe --coordinator HOST:PORT --num-processes N --process-id I COMMAND ... "
+               "(TPU pods and SLURM job steps are detected; see `olmoe launch`)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_) in COMMANDS.items():
         sub.add_parser(name, help=help_, add_help=False)
     argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        argv, dist = _pop_distributed_flags(argv)
+    except UsageError as e:
+        print(f"olmoe: error: {e}", file=sys.stderr)
+        return 2
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         return 0 if argv else 2
@@ -52,6 +88,9 @@ def main(argv=None) -> int:
     module.add_arguments(cmd_parser)
     args = cmd_parser.parse_args(argv[1:])
     try:
+        if getattr(module, "DISTRIBUTED", True):  # `launch` starts processes; it joins none
+            from olmoe_jax.parallel import distributed  # pylint: disable=import-outside-toplevel
+            distributed.initialize_from_env_or_flags(**dist)
         return int(module.run(args) or 0)
     except _user_errors() as e:
         print(f"olmoe {name}: error: {e}", file=sys.stderr)
