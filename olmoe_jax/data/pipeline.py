@@ -6,9 +6,11 @@ may hold the end of one document, EOS, and the start of the next; no training ro
 padded, and over one epoch each token is in exactly one row (only the last, partial row of
 the split is left out). The model reads `inputs = row[:-1]` and predicts `targets = row[1:]`.
 
-Sharding: in the global stream of rows (shuffled per epoch by `data.seed`), element i goes
-to process i % process_count. So the rows of global batch s (elements [sB, (s+1)B)) are
-the rows of batch s of all processes together, the same rows one process alone would get.
+Sharding: global batch s is elements [sB, (s+1)B) of the global stream of rows (shuffled
+per epoch by `data.seed`); process p reads its contiguous block [sB + pb, sB + (p+1)b),
+b = B / process_count. Put together in process order (as `make_array_from_process_local_data`
+does when process p's devices hold rows [pb, (p+1)b)), the processes' batches are row for
+row the batch one process alone would read, so a multi-process run sees the same data.
 """
 from __future__ import annotations
 
@@ -118,7 +120,7 @@ def make_train_iterator(cfg, tokenizer: Tokenizer, *, process_index: int = 0,
     ds = grain.MapDataset.source(train_rows(cfg, tokenizer))
     if cfg.data.shuffle:
         ds = ds.shuffle(seed=cfg.data.seed)
-    ds = ds.repeat()[process_index::process_count].batch(b, drop_remainder=True).map(_example)
+    ds = ds.repeat().batch(b, drop_remainder=True)[process_index::process_count].map(_example)
     # Rows are memmap slices: two threads and a short buffer keep up without hogging the CPU.
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
     if cfg.data.num_workers > 0:
@@ -147,7 +149,7 @@ def make_eval_batches(cfg, tokenizer: Tokenizer, *, process_index: int = 0,
         rows = PackedRows(spans, cfg.data.seq_len + 1, pad_tail=True, pad_id=tokenizer.pad_id)
         batches = []
         for j in range(min(cfg.data.eval_batches, math.ceil(len(rows) / big_b))):
-            idx = range(j * big_b + process_index, (j + 1) * big_b, process_count)
+            idx = range(j * big_b + process_index * b, j * big_b + (process_index + 1) * b)
             rows_BL = np.stack([rows[i] for i in idx])
             batches.append(_example(rows_BL, np.array([rows.real_tokens(i) for i in idx])))
         if batches:  # data.eval_batches=0: no domain at all, rather than a loss of 0 over 0 tokens

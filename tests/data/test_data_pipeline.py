@@ -108,12 +108,14 @@ def test_two_processes_split_each_global_batch_disjointly(builtin_cfg, spm_token
     two = [make_train_iterator(builtin_cfg, spm_tokenizer, process_index=p, process_count=2)
            for p in (0, 1)]
     for _ in range(6):
-        whole = collections.Counter(r.tobytes() for r in _rows(next(one)))
+        whole_batch = next(one)
+        whole = collections.Counter(r.tobytes() for r in _rows(whole_batch))
         halves = [_rows(next(it)) for it in two]
         assert all(h.shape == (4, 65) for h in halves)
         parts = [collections.Counter(r.tobytes() for r in h) for h in halves]
         assert not parts[0] & parts[1]  # disjoint
         assert parts[0] + parts[1] == whole  # together, exactly the one-process batch
+        np.testing.assert_array_equal(np.concatenate(halves), _rows(whole_batch))  # in its order
 
 
 def test_eval_batches_are_fixed_per_domain_and_mask_only_padding(builtin_cfg, spm_tokenizer):
@@ -146,11 +148,8 @@ def test_eval_batches_are_fixed_per_domain_and_mask_only_padding(builtin_cfg, sp
     halves = [make_eval_batches(cfg, tok, process_index=p, process_count=2) for p in (0, 1)]
     for domain in evals:
         for j in range(2):
-            whole = collections.Counter(r.tobytes() for r in _rows(evals[domain][j]))
-            parts = collections.Counter()
-            for h in halves:
-                parts.update(r.tobytes() for r in _rows(h[domain][j]))
-            assert parts == whole
+            np.testing.assert_array_equal(  # process 0's rows, then process 1's: the whole batch
+                np.concatenate([_rows(h[domain][j]) for h in halves]), _rows(evals[domain][j]))
 
 
 def test_unigram_entropy_matches_the_validation_token_counts(builtin_cfg, spm_tokenizer):
