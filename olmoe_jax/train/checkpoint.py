@@ -150,7 +150,8 @@ def load_params(workdir, step: int | None = None, *, shardings: Any = None):
     """Params from a params-only or a full training checkpoint (the newest when step is None).
 
     shardings: a params-shaped tree of Shardings to place them with (e.g.
-    `transformer.param_shardings(cfg, mesh)`); default: all on the first device.
+    `transformer.param_shardings(cfg, mesh)`); default: all on this process's first device
+    (in a multi-process run, pass shardings: a replicated or sharded layout over the mesh).
     """
     cfg = load_config(workdir)
     steps = checkpoint_steps(workdir)
@@ -160,7 +161,7 @@ def load_params(workdir, step: int | None = None, *, shardings: Any = None):
     if step not in steps:
         raise ConfigError(f"{workdir} has no checkpoint at step {step}; it has steps {steps}")
     if shardings is None:
-        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         shardings = jax.tree.map(lambda _: one, transformer.abstract_params(cfg))
     target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                           transformer.abstract_params(cfg), shardings)

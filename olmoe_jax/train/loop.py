@@ -14,6 +14,7 @@ from typing import Any, Iterator
 
 import jax
 import ml_collections
+from jax.experimental import multihost_utils
 import numpy as np
 
 from olmoe_jax.config import ConfigError, validate
@@ -120,6 +121,10 @@ def train_on(cfg, workdir, data: Data) -> dict[str, Any]:
     unigram_entropy, tokens_per_s (excluding the first step's compile), mfu, wall_s}."""
     t_start = time.perf_counter()
     cfg, mode = _preflight(cfg, workdir)
+    if jax.process_count() > 1:
+        # Every process must judge the workdir before any of them writes to it: the Orbax
+        # managers made per what it holds are collective (barriers), and must match.
+        multihost_utils.sync_global_devices("olmoe_jax:workdir_mode")
     t = cfg.train
     mesh = make_mesh(cfg)
     shardings = step_lib.state_shardings(cfg, mesh)

@@ -6,10 +6,10 @@ is a lookup, not a matmul) plus 12 x layers x heads x head_dim x seq_len for att
 scores and values (forward + backward, the full T x T, as PaLM counts it).
 
 Peak FLOP/s: $OLMOE_PEAK_FLOPS (FLOP/s of all devices of the run together) when set; else
-measured once at start with a square GEMM in the compute dtype on the first device. On CPU
-the devices forced by --xla_force_host_platform_device_count share the same cores, so the
-one-device measurement is the whole machine's peak; on accelerators it is multiplied by the
-device count. A measured GEMM is below the vendor's spec sheet, so this MFU reads higher
+measured once at start with a square GEMM in the compute dtype on this process's first
+device. On CPU the devices forced by --xla_force_host_platform_device_count share the same
+cores, so the one-device measurement is the host's peak, multiplied by the process count
+(one process per host); on accelerators it is multiplied by the device count. A measured GEMM is below the vendor's spec sheet, so this MFU reads higher
 than one against spec-sheet peak; set OLMOE_PEAK_FLOPS to compare with published numbers.
 """
 from __future__ import annotations
@@ -43,7 +43,7 @@ def peak_flops(cfg) -> tuple[float, str]:
     env = os.environ.get("OLMOE_PEAK_FLOPS")
     if env:
         return float(env), "OLMOE_PEAK_FLOPS"
-    device = jax.devices()[0]
+    device = jax.local_devices()[0]  # jax.devices()[0] belongs to process 0 only
     n = 1024 if device.platform == "cpu" else 8192
     dtype = jnp.dtype(cfg.model.compute_dtype)
     a = jax.device_put(jnp.ones((n, n), dtype), device)
@@ -56,7 +56,9 @@ def peak_flops(cfg) -> tuple[float, str]:
     out.block_until_ready()
     per_device = reps * 2 * n ** 3 / (time.perf_counter() - t)
     if device.platform == "cpu":
-        return per_device, f"measured {n}^3 {dtype.name} GEMM, host CPU"
+        hosts = jax.process_count()
+        return per_device * hosts, f"measured {n}^3 {dtype.name} GEMM, host CPU" + (f" x {hosts} processes"
+                                                                                    if hosts > 1 else "")
     return per_device * jax.device_count(), f"measured {n}^3 {dtype.name} GEMM x {jax.device_count()} devices"
 
 
