@@ -106,4 +106,7 @@ def entry() -> None:
 
 
 if __name__ == "__main__":
-    entry()
+    # `python -m launch.cli` (how `olmoe launch` starts processes): run the imported module, whose
+    # UsageError is the one the subcommands raise, not this __main__ copy's.
+    from launch import cli  # pylint: disable=import-self
+    cli.entry()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -145,6 +146,11 @@ def tpu_queues(args, commands: list[list[str]]) -> list[list[list[local.Proc]]]:
     return queues
 
 
+def _need(program: str, how: str) -> None:
+    if shutil.which(program) is None:
+        raise UsageError(f"`{program}` is not on PATH; {how}, or print the commands with --dry-run")
+
+
 def run(args) -> int:
     commands = parse_commands(args.command, args.commands)
     if args.where == "slurm":
@@ -159,12 +165,15 @@ def run(args) -> int:
         if args.dry_run:
             print(cluster.slurm_submit_text(script, path), end="")
             return 0
+        _need("sbatch", "run on a SLURM login node")
         Path(path).write_text(script, encoding="utf-8")
         return subprocess.run(["sbatch", path], check=False).returncode
     queues = local_queues(args, commands) if args.where == "local" else tpu_queues(args, commands)
     if args.dry_run:
         print(local.as_shell(queues), end="")
         return 0
+    if args.where == "tpu":
+        _need("gcloud", "install the Google Cloud CLI")
     logs = sorted({str(Path(p.log).parent) for q in queues for j in q for p in j if p.log})
     if logs:
         print(f"olmoe launch: logs in {', '.join(logs)}", file=sys.stderr)
@@ -175,7 +184,11 @@ def run(args) -> int:
             print(f"olmoe launch: {'done' if code == 0 else f'FAILED (exit {code})'}: {shlex.join(cmd)}",
                   file=sys.stderr, flush=True)
 
-    code = local.run_queues(queues, done)
+    try:
+        code = local.run_queues(queues, done)
+    except KeyboardInterrupt:  # run_queues has stopped every process it started
+        print("olmoe launch: interrupted; stopped all processes", file=sys.stderr)
+        return 130
     if code and len(commands) == 1 and logs:
         print(f"olmoe launch: a process failed (exit {code}); see the logs in {logs[0]}", file=sys.stderr)
     return code

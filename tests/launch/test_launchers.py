@@ -5,7 +5,9 @@ The local launcher's real 2-process training run is tests/train/test_multiproces
 """
 from __future__ import annotations
 
+import os
 import shlex
+import subprocess
 import sys
 import time
 
@@ -17,6 +19,8 @@ from launch.cli import main
 from olmoe_jax.config import ConfigError
 from olmoe_jax.parallel import distributed
 from olmoe_jax.parallel.distributed import Plan, plan
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _olmoe(capsys, *argv):
@@ -143,6 +147,26 @@ def test_local_dry_run_lists_every_process_with_its_environment(capsys, tmp_path
                    "wait\n")
 
 
+def test_local_sub_slices_are_process_groups_with_their_own_coordinators(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "")
+    cmds = tmp_path / "runs.txt"
+    cmds.write_text("train -e a\ntrain -e b\ntrain -e c\n")
+    code, out, err = _olmoe(capsys, "launch", "local", "--processes", "4", "--devices-per-process", "2",
+                            "--sub-slices", "2", "--port", "5000", "--log-dir", "/l", "--commands", str(cmds),
+                            "--dry-run")
+    assert code == 0, err
+
+    def proc(port, i, exp, log):
+        return (f"  OLMOE_JAX_COORDINATOR=127.0.0.1:{port} OLMOE_JAX_NUM_PROCESSES=2 OLMOE_JAX_PROCESS_ID={i} "
+                "OLMOE_JAX_INIT_TIMEOUT=60 JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=2 "
+                f"{shlex.quote(sys.executable)} -m launch.cli train -e {exp} > /l/{log}.p{i}.log 2>&1 &\n")
+
+    assert out == ("(\n" + proc(5000, 0, "a", "group0.run0") + proc(5000, 1, "a", "group0.run0") + "  wait\n"
+                   + proc(5000, 0, "c", "group0.run1") + proc(5000, 1, "c", "group0.run1") + "  wait\n"
+                   ") &\n(\n" + proc(5001, 0, "b", "group1.run0") + proc(5001, 1, "b", "group1.run0")
+                   + "  wait\n) &\nwait\n")
+
+
 @pytest.mark.parametrize("argv, message", [
     (["local", "--processes", "2"], "give the olmoe command to run after `--`"),
     (["local", "--processes", "2", "--commands", "f", "--", "train"], "not both"),
@@ -187,6 +211,20 @@ def test_queues_run_in_turn_and_side_by_side(tmp_path):
     assert local.run_queues(queues, lambda q, j, c: done.append((q, j, c))) == 5
     assert out.read_text().split() == ["b1", "b2", "a1", "a2"]
     assert sorted(done) == [(0, 0, 0), (0, 1, 0), (1, 0, 5), (1, 1, 0)]
+
+
+def test_local_launch_of_a_bad_command_exits_2_with_each_process_error(tmp_path):
+    # Both processes join (gloo, a free port), then refuse the command: one error line each,
+    # process 0's on this terminal, process 1's in its log; the launcher passes exit code 2 on.
+    env = {**os.environ, "PYTHONPATH": REPO}
+    r = subprocess.run([sys.executable, "-m", "launch.cli", "launch", "local", "--processes", "2",
+                        "--log-dir", str(tmp_path), "--", "train"],
+                       env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert r.returncode == 2, r.stderr
+    error = "olmoe train: error: pass --experiment NAME"
+    assert error in r.stderr and "Traceback" not in r.stderr
+    log = (tmp_path / "group0.run0.p1.log").read_text()
+    assert error in log and "Traceback" not in log
 
 
 # --- joining a run: olmoe_jax/parallel/distributed.py ---------------------------------------

@@ -68,3 +68,14 @@ def data(cfg, *, fail_at_batch: int | None = None) -> Data:
 def synthetic():
     """The helpers above: tiny_config(**overrides), dataset(cfg, ...), data(cfg, ...), CrashAt."""
     return types.SimpleNamespace(tiny_config=tiny_config, dataset=dataset, data=data, CrashAt=CrashAt)
+
+
+@pytest.fixture(scope="module")
+def npy_tokens(tmp_path_factory):
+    """An OLMo-style .npy token file (uint16 memmap): 400 documents of random ids in [1, 128),
+    EOS 0 after each; the path. CLI runs on it need no corpus preparation."""
+    path = tmp_path_factory.mktemp("tokens") / "part-0.npy"
+    rng = np.random.default_rng(0)
+    docs = [np.append(rng.integers(1, 128, rng.integers(20, 200)), 0) for _ in range(400)]
+    np.concatenate(docs).astype(np.uint16).tofile(path)
+    return str(path)

@@ -16,13 +16,9 @@ TINY = ["model.vocab_size=128", "model.d_model=32", "model.num_layers=2", "model
 
 
 @pytest.fixture(scope="module")
-def npy_overrides(tmp_path_factory):
+def npy_overrides(npy_tokens):
     """tiny_moe shrunk, on a .npy token file (OLMo memmap format, EOS 0 between documents)."""
-    path = tmp_path_factory.mktemp("tokens") / "part-0.npy"
-    rng = np.random.default_rng(0)
-    docs = [np.append(rng.integers(1, 128, rng.integers(20, 200)), 0) for _ in range(400)]
-    np.concatenate(docs).astype(np.uint16).tofile(path)
-    return TINY + ["data.source=npy", "data.tokenizer=none", "data.eos_id=0", f"data.path={path}"]
+    return TINY + ["data.source=npy", "data.tokenizer=none", "data.eos_id=0", f"data.path={npy_tokens}"]
 
 
 def _olmoe(capsys, *argv):
