@@ -117,11 +117,12 @@ def local_queues(args, commands: list[list[str]]) -> list[list[list[local.Proc]]
     _groups(args.processes, args.sub_slices, "--processes", commands)
     log_dir = _log_dir(args)
     per_group = args.processes // args.sub_slices
+    free = iter(local.free_ports(0 if args.port else len(commands)))
     queues = []
     for g, queue in enumerate(cluster.deal(commands, args.sub_slices)):
         jobs = []
         for j, cmd in enumerate(queue):
-            port = args.port + g if args.port else local.free_port()
+            port = args.port + g if args.port else next(free)
             # One run: its process 0 talks to this terminal. Otherwise every process logs.
             jobs.append(local.local_job(cmd, processes=per_group, devices_per_process=args.devices_per_process,
                                         port=port, init_timeout_s=args.init_timeout,
