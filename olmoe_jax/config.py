@@ -54,7 +54,7 @@ def default_config() -> ml_collections.ConfigDict:
     m.init_cutoff = 3.0  # truncation in units of std
     m.param_dtype = "float32"
     m.compute_dtype = "float32"  # float32 | bfloat16
-    m.remat = "none"  # none | full | dots (save matmul outputs)
+    m.remat = "none"  # none | full | dots (save matmul outputs) | offload (dots, kept in host memory)
     m.scan_layers = True
     m.ce_chunks = 0  # output layer + cross-entropy in this many sequence chunks (0: auto, ~16 MB each)
 
@@ -94,6 +94,7 @@ def default_config() -> ml_collections.ConfigDict:
     t.eval_every = 200
     t.ckpt_every = 200
     t.keep_ckpts = 3
+    t.microbatches = 1  # gradient accumulation: the batch runs in this many sequential slices
     t.workdir = ""
 
     mesh = c.mesh = ml_collections.ConfigDict()
@@ -114,7 +115,7 @@ _CHOICES = {
     "model.init": ("truncated_normal", "normal"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.compute_dtype": ("float32", "bfloat16"),
-    "model.remat": ("none", "full", "dots"),
+    "model.remat": ("none", "full", "dots", "offload"),
     "data.source": ("builtin", "npy", "jsonl", "tfds"),
     "data.npy_dtype": ("uint16", "uint32"),
     "data.tokenizer": ("sentencepiece", "hf", "none"),
@@ -126,6 +127,7 @@ _POSITIVE = (
     "model.num_kv_heads", "model.max_seq_len", "model.mlp_dim", "model.num_experts",
     "model.top_k", "model.expert_dim", "data.seq_len", "data.batch_size", "train.steps",
     "train.log_every", "train.eval_every", "train.ckpt_every", "train.keep_ckpts",
+    "train.microbatches",
 )
 _NON_NEGATIVE = (
     "model.head_dim", "model.num_shared_experts", "model.capacity_factor", "model.lb_loss_weight",
@@ -191,6 +193,10 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
         raise ConfigError(
             f"model.ce_chunks={m.ce_chunks} does not divide data.seq_len={cfg.data.seq_len}; "
             "choose a divisor, or 0 (auto)")
+    if cfg.data.batch_size % cfg.train.microbatches:
+        raise ConfigError(
+            f"train.microbatches={cfg.train.microbatches} does not divide data.batch_size="
+            f"{cfg.data.batch_size}; choose a divisor")
     if cfg.data.seq_len > m.max_seq_len:
         raise ConfigError(
             f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
@@ -271,6 +277,12 @@ def mesh_shape(cfg, num_devices: int) -> dict[str, int]:
         raise ConfigError(
             f"data.batch_size={cfg.data.batch_size} must be divisible by mesh.data*mesh.fsdp*mesh.expert="
             f"{ways}")
+    # Each microbatch is split the same way (train/step.py slices every device's rows).
+    micro = cfg.train.microbatches
+    if cfg.data.batch_size % (ways * micro):
+        raise ConfigError(
+            f"data.batch_size={cfg.data.batch_size} must be divisible by train.microbatches={micro} x "
+            f"mesh.data*mesh.fsdp*mesh.expert={ways}; change train.microbatches or data.batch_size")
     return sizes
 
 

@@ -140,6 +140,9 @@ def init_cache(cfg, batch: int, max_len: int, dtype=jnp.float32):
 _REMAT = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # The same matmul outputs, parked in pinned host memory between forward and backward:
+    # device memory of "full" at the recompute cost of "dots" plus host<->device copies.
+    "offload": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
 }
 
 

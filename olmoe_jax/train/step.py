@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 from jax.sharding import Mesh, NamedSharding
@@ -75,6 +76,56 @@ def state_from_params(cfg, params, shardings: TrainState) -> TrainState:
     return make(params, state_key, frozen(cfg))
 
 
+def _microbatches(a, num: int, mesh: Mesh | None):
+    """[B, ...] -> [num, B / num, ...] where microbatch j holds rows j, j + num, j + 2 num, ...
+
+    Strided, not contiguous: each device's contiguous share of B then gives every microbatch
+    an equal share of its own rows, so no microbatch lives on a subset of the devices and no
+    row moves between devices.
+    """
+    a = a.reshape(a.shape[0] // num, num, *a.shape[1:])
+    a = jnp.swapaxes(a, 0, 1)
+    names = (None, "batch") + (None,) * (a.ndim - 2)
+    return rules.constrain(a, names, mesh) if mesh is not None else a
+
+
+def loss_and_grads(params, batch, cfg, mesh: Mesh | None = None) -> tuple[dict, Any]:
+    """(metrics, gradients) of losses.loss_fn over the batch, in train.microbatches slices.
+
+    With M > 1 slices run one after another (lax.scan) and their gradients are summed, so
+    activation memory is that of B / M rows. The cross-entropy and its gradient equal the
+    whole batch's (each slice is weighted by its share of the batch's loss tokens); the router
+    losses are averaged over the slices, each computed on its own tokens, as a run on B / M
+    rows per step would (the load-balancing loss is not linear in the token counts, so it is
+    not the whole batch's value). Metrics: as loss_fn's, with ce_loss over the whole batch,
+    tokens summed and the router statistics averaged over slices.
+    """
+    grad_fn = jax.value_and_grad(losses.loss_fn, has_aux=True)
+    num = cfg.train.microbatches
+    if num == 1:
+        (_, metrics), grads = grad_fn(params, batch, cfg, mesh)
+        return metrics, grads
+    tokens = jnp.sum(batch["loss_mask"])
+
+    def objective(p, micro):
+        total, m = losses.loss_fn(p, micro, cfg, mesh)
+        # total = ce + router terms: weight ce by this slice's token share, the rest by 1/num.
+        share = m["tokens"] / jnp.maximum(tokens, 1.0)
+        return total / num + m["ce_loss"] * (share - 1.0 / num), m
+
+    def one(acc, micro):
+        (_, m), g = jax.value_and_grad(objective, has_aux=True)(params, micro)
+        return jax.tree.map(jnp.add, acc, g), m
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    grads, per = jax.lax.scan(one, zeros, jax.tree.map(lambda a: _microbatches(a, num, mesh), batch))
+    metrics = jax.tree.map(lambda v: jnp.mean(v, axis=0), per)
+    metrics["tokens"] = tokens
+    metrics["ce_loss"] = jnp.sum(per["ce_loss"] * per["tokens"]) / jnp.maximum(tokens, 1.0)
+    metrics["loss"] = metrics["ce_loss"] + jnp.mean(per["loss"] - per["ce_loss"])
+    return metrics, grads
+
+
 def train_step(state: TrainState, batch, cfg, mesh: Mesh | None = None) -> tuple[TrainState, dict]:
     """One AdamW update on a batch {inputs, targets int32 [B, T], loss_mask float32 [B, T]}.
 
@@ -85,8 +136,7 @@ def train_step(state: TrainState, batch, cfg, mesh: Mesh | None = None) -> tuple
     and expert parallelism), or None on one device.
     """
     tx = make_optimizer(cfg)
-    grad_fn = jax.value_and_grad(losses.loss_fn, has_aux=True)
-    (_, metrics), grads = grad_fn(state.params, batch, cfg, mesh)
+    metrics, grads = loss_and_grads(state.params, batch, cfg, mesh)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=make_schedule(cfg)(state.step))
