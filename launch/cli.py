@@ -8,7 +8,10 @@ user-facing message; or a `FileNotFoundError`) becomes one line on stderr and ex
 from __future__ import annotations
 
 import argparse
+import glob
 import importlib
+import os
+import pkgutil
 import sys
 
 # subcommand -> (module, one-line help)
@@ -21,6 +24,7 @@ COMMANDS = {
     "upcycle": ("launch.upcycle", "turn a dense checkpoint into an MoE (sparse upcycling)"),
     "experiments": ("launch.experiments_cmd", "list the experiment registry, print configs and parameter counts"),
     "launch": ("launch.launch", "run an olmoe command on N local processes, a TPU pod slice or a SLURM job"),
+    "compile": ("launch.compile", "compile the train step for a TPU slice from this host: memory, collectives, est. MFU"),
 }
 
 # Global flags before COMMAND: this process's place in a multi-process run
@@ -62,6 +66,24 @@ def _parse_int(flag: str, value: str) -> int:
         raise UsageError(f"{flag} {value!r} is not an integer") from None
 
 
+def _platforms_without_tpu() -> None:
+    """On a host without TPU devices, keep jax from starting libtpu (when installed, its
+    start-up prints warnings and takes a lockfile, then jax falls back anyway): set
+    JAX_PLATFORMS to this host's other platforms, unless the user set it. Only `olmoe
+    compile` needs libtpu, as a compiler, and opens it itself."""
+    if "JAX_PLATFORMS" in os.environ or glob.glob("/dev/accel*") or glob.glob("/dev/vfio/*"):
+        return
+    # A listed platform that fails to start is an error: list a GPU platform only with both
+    # its device files and its jax plugin (jax_cuda12_plugin, jax_rocm7_plugin, ...) present.
+    plugins = {m.name for m in pkgutil.iter_modules() if m.name.startswith(("jax_cuda", "jax_rocm"))}
+    platforms = []
+    if glob.glob("/dev/nvidia[0-9]*") and any(p.startswith("jax_cuda") for p in plugins):
+        platforms.append("cuda")
+    if os.path.exists("/dev/kfd") and any(p.startswith("jax_rocm") for p in plugins):
+        platforms.append("rocm")
+    os.environ["JAX_PLATFORMS"] = ",".join(platforms + ["cpu"])
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="olmoe", description="OLMoE in JAX: train, evaluate, convert.",
@@ -83,6 +105,10 @@ def main(argv=None) -> int:
     if name not in COMMANDS:
         print(f"olmoe: unknown command {name!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
+    # Not for compile (it opens libtpu as a compiler) nor launch (which runs no jax here, and
+    # whose jobs may inherit this environment, e.g. through sbatch, on hosts with accelerators).
+    if name not in ("compile", "launch"):
+        _platforms_without_tpu()
     module = importlib.import_module(COMMANDS[name][0])
     cmd_parser = argparse.ArgumentParser(prog=f"olmoe {name}", description=COMMANDS[name][1])
     module.add_arguments(cmd_parser)

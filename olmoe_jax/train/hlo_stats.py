@@ -1,0 +1,431 @@
+"""What a compiled (TPU) program does per step, read from its optimized HLO text.
+
+`compiled.cost_analysis()` counts the body of a while loop once (measured: a 16-step scan of
+matmuls reports 3 matmuls' FLOPs, not 48), and its `optimal_seconds` is meaningless as soon
+as the program holds a Pallas/Mosaic custom call (-4.0 s for XLA's own ragged-dot kernels).
+So this module walks the HLO itself:
+
+- Execution counts: every computation gets the number of times it runs per step. A while
+  loop's body runs its trip count: `known_trip_count` from the backend config where the
+  compiler states it, else read from the loop condition `i < N` (ROOT compare LT against a
+  constant, the counter starting from the constant in the loop's init tuple; jax's scan and
+  fori_loop lower to this). A loop matching neither counts once and is listed in
+  `unknown_trip_counts`. Both branches of a conditional are counted (an upper bound).
+- Collectives (all-reduce, all-gather, reduce-scatter, all-to-all, ragged-all-to-all,
+  collective-permute; sync or async `-start`): count and bytes per chip, times executions.
+  `bytes` is the per-chip operand (the buffer each chip sends in); `wire_bytes` what a ring
+  algorithm sends per chip over n devices: all-gather (n-1) x shard, reduce-scatter and
+  all-to-all (n-1)/n x buffer, all-reduce 2 (n-1)/n x buffer, collective-permute the buffer;
+  ragged-all-to-all is counted at its (worst-case) buffer size.
+- Pallas/Mosaic kernels (`tpu_custom_call`): FLOPs and bytes from the kernel's CostEstimate
+  in the backend config (`pl.CostEstimate`; XLA's own ragged-dot kernels carry one too);
+  a kernel without one counts only its operand + result bytes and is tallied in
+  `pallas_without_cost`.
+- XLA ops: for each instruction of a non-fused computation, FLOPs of the dots and
+  convolutions in it (2 x output elements x contraction; a batched matmul that TPU XLA
+  writes as a base-dilated convolution counts its window / lhs_dilate) and the HBM bytes it
+  reads and writes (operands + results; a fused dynamic-slice reads only its slice, an
+  in-place dynamic-update-slice writes only its update).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from collections import defaultdict
+from typing import Iterable
+
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "ragged-all-to-all",
+               "collective-permute")
+# Instructions that move no data through HBM themselves (or whose work is counted elsewhere:
+# loop and call bodies, async -done halves).
+_FREE = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "while", "call",
+         "conditional", "after-all", "partition-id", "replica-id", "opt-barrier", "add-dependency",
+         "copy-done", "async-done", "send-done", "recv-done"}
+_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
+          "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+_ARRAY = re.compile(r"\b(pred|[sufc]\d+|bf16|f8e\w+?)\[([\d,]*)\]")
+_INSTR = re.compile(r"^\s*(ROOT\s+)?%([\w.\-]+)\s*=\s*(.*)$")
+_HEADER = re.compile(r"^(ENTRY\s+)?%([\w.\-]+)\s*\(.*\{\s*$")
+
+
+@dataclasses.dataclass
+class Instr:
+    name: str
+    shape: str
+    opcode: str
+    operands: list[str]
+    args: str  # the text inside the operand parentheses (a constant's literal)
+    attrs: str
+    root: bool
+
+
+@dataclasses.dataclass
+class Computation:
+    name: str
+    instrs: dict[str, Instr]
+    root: str = ""
+
+
+def _match(text: str, start: int, open_: str = "(", close: str = ")") -> int:
+    """Index of the bracket closing the one at text[start]."""
+    depth = 0
+    for i in range(start, len(text)):
+        if text[i] == open_:
+            depth += 1
+        elif text[i] == close:
+            depth -= 1
+            if depth == 0:
+                return i
+    return len(text) - 1
+
+
+def _parse_instr(line: str) -> Instr | None:
+    m = _INSTR.match(line)
+    if not m:
+        return None
+    rest = m.group(3)
+    if rest.startswith("("):
+        end = _match(rest, 0)
+        shape, rest = rest[:end + 1], rest[end + 1:].lstrip()
+    else:
+        shape, _, rest = rest.partition(" ")
+    paren = rest.find("(")
+    if paren < 0:
+        return None
+    opcode = rest[:paren]
+    end = _match(rest, paren)
+    args = rest[paren + 1:end]
+    operands = re.findall(r"%([\w.\-]+)", args)
+    return Instr(m.group(2), shape, opcode, operands, args, rest[end + 1:], bool(m.group(1)))
+
+
+def parse_module(text: str) -> tuple[dict[str, Computation], str]:
+    """({computation name: Computation}, entry name) of an HLO module's text."""
+    comps: dict[str, Computation] = {}
+    entry = ""
+    current: Computation | None = None
+    for line in text.splitlines():
+        if current is None:
+            h = _HEADER.match(line)
+            if h:
+                current = Computation(h.group(2), {})
+                comps[current.name] = current
+                if h.group(1):
+                    entry = current.name
+            continue
+        if line.startswith("}"):
+            current = None
+            continue
+        ins = _parse_instr(line)
+        if ins is not None:
+            current.instrs[ins.name] = ins
+            if ins.root:
+                current.root = ins.name
+    return comps, entry
+
+
+def shape_bytes(shape: str) -> float:
+    """Bytes of an HLO shape (a tuple: the sum of its arrays); layouts are ignored."""
+    total = 0.0
+    for dtype, dims in _ARRAY.findall(shape):
+        n = math.prod(int(d) for d in dims.split(",") if d) if dims else 1
+        total += n * _BYTES.get(dtype, 1)
+    return total
+
+
+def _dims(shape: str) -> list[int]:
+    m = _ARRAY.search(shape)
+    return [int(d) for d in m.group(2).split(",") if d] if m and m.group(2) else []
+
+
+def _called(ins: Instr) -> list[tuple[str, str]]:
+    """(role, computation) pairs an instruction calls."""
+    out = []
+    for role in ("body", "condition", "calls", "to_apply", "true_computation", "false_computation"):
+        out += [(role, c) for c in re.findall(rf"\b{role}=%([\w.\-]+)", ins.attrs)]
+    for role in ("branch_computations", "called_computations"):
+        for group in re.findall(rf"\b{role}=\{{([^}}]*)\}}", ins.attrs):
+            out += [(role, c) for c in re.findall(r"%([\w.\-]+)", group)]
+    return out
+
+
+def trip_count(ins: Instr, comp: Computation, comps: dict[str, Computation]) -> int | None:
+    """Iterations of a while loop, or None when neither the backend config nor an `i < N`
+    condition states it."""
+    known = re.search(r'"known_trip_count":\{"n":"(\d+)"', ins.attrs)
+    if known:
+        return int(known.group(1))
+    cond_name = dict(_called(ins)).get("condition")
+    cond = comps.get(cond_name) if cond_name else None
+    if cond is None or not cond.root:
+        return None
+    root = cond.instrs[cond.root]
+    if root.opcode != "compare" or "direction=LT" not in root.attrs or len(root.operands) != 2:
+        return None
+    counter, limit = (cond.instrs.get(n) for n in root.operands)
+    if counter is None or limit is None or limit.opcode != "constant" or counter.opcode != "get-tuple-element":
+        return None
+    n = _constant_value(limit)
+    index = re.search(r"index=(\d+)", counter.attrs)
+    if n is None or index is None:
+        return None
+    start = 0
+    init = comp.instrs.get(ins.operands[0]) if ins.operands else None
+    if init is not None and init.opcode == "tuple" and int(index.group(1)) < len(init.operands):
+        first = comp.instrs.get(init.operands[int(index.group(1))])
+        if first is not None and first.opcode == "constant":
+            start = _constant_value(first) or 0
+    return max(n - start, 0)
+
+
+def _constant_value(ins: Instr) -> int | None:
+    m = re.fullmatch(r"\s*(-?\d+)\s*", ins.args)
+    return int(m.group(1)) if m else None
+
+
+def execution_counts(comps: dict[str, Computation], entry: str) -> tuple[dict[str, float], list[str]]:
+    """({computation: executions per run of the entry}, loops whose trip count is unknown)."""
+    counts: dict[str, float] = defaultdict(float)
+    unknown: list[str] = []
+    counts[entry] = 1.0
+    # Callers precede callees in a topological order: visit from the entry, accumulating.
+    order = _topological(comps, entry)
+    for name in order:
+        comp = comps[name]
+        w = counts[name]
+        for ins in comp.instrs.values():
+            for role, callee in _called(ins):
+                if callee not in comps:
+                    continue
+                times = 1
+                if ins.opcode == "while" and role in ("body", "condition"):
+                    n = trip_count(ins, comp, comps)
+                    if n is None:
+                        unknown.append(ins.name)
+                        n = 1
+                    times = n + (role == "condition")
+                counts[callee] += w * times
+    return dict(counts), sorted(set(unknown))
+
+
+def _topological(comps, entry) -> list[str]:
+    seen = {entry}
+    post: list[str] = []
+    stack = [(entry, iter([c for ins in comps[entry].instrs.values() for _, c in _called(ins)]))]
+    while stack:
+        name, it = stack[-1]
+        nxt = next((c for c in it if c in comps and c not in seen), None)
+        if nxt is None:
+            post.append(name)
+            stack.pop()
+            continue
+        seen.add(nxt)
+        stack.append((nxt, iter([c for ins in comps[nxt].instrs.values() for _, c in _called(ins)])))
+    return post[::-1]
+
+
+# ----------------------------------------------------------------------------- per-op costs
+
+def _group_size(ins: Instr, num_devices: int) -> int:
+    """Devices in each replica group of a collective."""
+    mesh = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", ins.attrs)
+    if mesh:
+        sizes = dict(re.findall(r"'([^']+)'=(\d+)", mesh.group(1)))
+        return math.prod(int(sizes.get(a, 1)) for a in re.findall(r"'([^']+)'", mesh.group(2)))
+    iota = re.search(r"replica_groups=\[([\d,]+)\]<=", ins.attrs)
+    if iota:
+        return int(iota.group(1).split(",")[-1])
+    explicit = re.search(r"replica_groups=\{\{([^}]*)\}", ins.attrs)
+    if explicit:
+        return len([v for v in explicit.group(1).split(",") if v.strip()])
+    return num_devices
+
+
+def _wire_factor(kind: str, n: int) -> float:
+    if n <= 1:
+        return 0.0 if kind != "collective-permute" else 1.0
+    return {"all-gather": n - 1.0, "all-reduce": 2.0 * (n - 1) / n}.get(
+        kind, 1.0 if kind == "collective-permute" else (n - 1) / n)
+
+
+def _dot_flops(ins: Instr, comp: Computation) -> float:
+    out = math.prod(_dims(ins.shape))
+    lhs = comp.instrs.get(ins.operands[0]) if ins.operands else None
+    rhs = comp.instrs.get(ins.operands[1]) if len(ins.operands) > 1 else None
+    if ins.opcode == "dot":
+        lhs_dims = _dims(lhs.shape) if lhs else []
+        contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", ins.attrs)
+        k = math.prod(lhs_dims[int(d)] for d in contracting.group(1).split(",") if d) if contracting and lhs_dims else 1
+        return 2.0 * out * k
+    labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", ins.attrs)
+    lhs_dims, rhs_dims, out_dims = (_dims(x.shape) if x else [] for x in (lhs, rhs, ins))
+    if not labels or len(labels.group(2)) != len(rhs_dims) or len(labels.group(1)) != len(lhs_dims):
+        return 0.0
+    lhs_l, rhs_l, out_l = labels.groups()
+    k = rhs_dims[rhs_l.index("i")]
+    spatial = sorted(c for c in out_l if c.isdigit())
+    window = re.search(r"window=\{([^}]*)\}", ins.attrs)
+    win = window.group(1) if window else ""
+
+    def field(key, default, n):
+        m = re.search(rf"\b{key}=([\dx_\-]+)", win)
+        return m.group(1).split("x") if m else [default] * n
+
+    n = len(spatial)
+    size, stride, dil, rdil = (field(key, "1", n) for key in ("size", "stride", "lhs_dilate", "rhs_dilate"))
+    pad = field("pad", "0_0", n)
+    macs = out / max(math.prod(out_dims[out_l.index(c)] for c in spatial), 1) * k
+    for a, c in enumerate(spatial):
+        # Window taps that land on a real input element (not padding, not a dilation hole).
+        n_in, n_out = lhs_dims[lhs_l.index(c)], out_dims[out_l.index(c)]
+        s, st, d, r = int(size[a]), int(stride[a]), int(dil[a]), int(rdil[a])
+        lo = int(pad[a].split("_")[0])
+        macs *= sum(1 for o in range(n_out) for j in range(s)
+                    if 0 <= o * st + j * r - lo <= (n_in - 1) * d and (o * st + j * r - lo) % d == 0)
+    return 2.0 * macs
+
+
+def _fused_flops(name: str, comps: dict[str, Computation], memo: dict[str, float]) -> float:
+    if name not in memo:
+        memo[name] = 0.0
+        comp = comps[name]
+        total = 0.0
+        for ins in comp.instrs.values():
+            if ins.opcode in ("dot", "convolution"):
+                total += _dot_flops(ins, comp)
+            elif ins.opcode == "fusion":
+                total += sum(_fused_flops(c, comps, memo) for _, c in _called(ins) if c in comps)
+        memo[name] = total
+    return memo[name]
+
+
+def _fusion_bytes(ins: Instr, comp: Computation, comps: dict[str, Computation]) -> float:
+    """HBM bytes a fusion reads and writes: slices of operands it only slices, no rewrite of a
+    buffer it updates in place."""
+    fused = next((comps[c] for _, c in _called(ins) if c in comps), None)
+    if fused is None:
+        return _plain_bytes(ins, comp)
+    params = {int(p.args): p.name for p in fused.instrs.values() if p.opcode == "parameter" and p.args.strip().isdigit()}
+    users: dict[str, list[Instr]] = defaultdict(list)
+    for f in fused.instrs.values():
+        for o in f.operands:
+            users[o].append(f)
+    total = 0.0
+    for i, operand in enumerate(ins.operands):
+        src = comp.instrs.get(operand)
+        full = shape_bytes(src.shape) if src else 0.0
+        use = users.get(params.get(i, ""), [])
+        if use and all(u.opcode == "dynamic-slice" and u.operands[0] == params[i] for u in use):
+            total += sum(shape_bytes(u.shape) for u in use)
+        elif use and all(u.opcode == "dynamic-update-slice" and u.operands[0] == params[i] for u in use):
+            pass  # the buffer updated in place: only the update is written (below)
+        else:
+            total += full
+    out = shape_bytes(ins.shape)
+    root = fused.instrs.get(fused.root)
+    roots = [fused.instrs.get(o) for o in root.operands] if root is not None and root.opcode == "tuple" else [root]
+    for r in roots:
+        if r is not None and r.opcode == "dynamic-update-slice" and len(r.operands) > 1:
+            update = fused.instrs.get(r.operands[1])
+            out -= shape_bytes(r.shape) - (shape_bytes(update.shape) if update else 0.0)
+    return total + max(out, 0.0)
+
+
+def _plain_bytes(ins: Instr, comp: Computation) -> float:
+    if ins.opcode == "dynamic-slice":
+        return 2 * shape_bytes(ins.shape)
+    if ins.opcode == "dynamic-update-slice" and len(ins.operands) > 1:
+        update = comp.instrs.get(ins.operands[1])
+        return 2 * (shape_bytes(update.shape) if update else 0.0)
+    if ins.opcode == "copy-start":  # one pass over the source (its result tuple repeats it)
+        src = comp.instrs.get(ins.operands[0]) if ins.operands else None
+        return 2 * shape_bytes(src.shape) if src else 0.0
+    operands = sum(shape_bytes(comp.instrs[o].shape) for o in ins.operands if o in comp.instrs)
+    return operands + shape_bytes(ins.shape)
+
+
+def _pallas_cost(ins: Instr, comp: Computation) -> tuple[float, float, bool]:
+    """(flops, bytes, has a CostEstimate) of one Mosaic kernel call."""
+    m = re.search(r'"cost_estimate":(\{[^}]*\})', ins.attrs)
+    if m:
+        est = json.loads(m.group(1))
+        return float(est.get("flops", 0)), float(est.get("bytes_accessed", 0)), True
+    return 0.0, _plain_bytes(ins, comp), False
+
+
+def _top_level(comps: dict[str, Computation], entry: str) -> set[str]:
+    """Computations whose instructions run as their own kernels: the entry, loop bodies and
+    conditions, called computations, conditional branches, async wrappers (not fusion bodies
+    or reducers)."""
+    top = {entry}
+    for comp in comps.values():
+        for ins in comp.instrs.values():
+            for role, callee in _called(ins):
+                if (ins.opcode, role) in (("while", "body"), ("while", "condition"), ("call", "to_apply")) \
+                        or ins.opcode == "conditional" or (ins.opcode == "async-start" and role == "calls"):
+                    top.add(callee)
+    return top
+
+
+def analyze(text: str, *, num_devices: int, peak_flops: float, hbm_bytes_per_s: float) -> dict:
+    """Per-chip, per-step totals of a compiled program's HLO text (see the module docstring).
+
+    peak_flops, hbm_bytes_per_s: the chip's figures, for the roofline time of each op
+    (max of its FLOPs / peak and its bytes / HBM bandwidth), summed over executions.
+    Returns {collectives: {kind: {count, bytes, wire_bytes}}, pallas: {calls, flops, bytes,
+    seconds, without_cost}, xla: {flops, bytes, seconds}, loops: {name: trip count},
+    unknown_trip_counts: [while names]}.
+    """
+    comps, entry = parse_module(text)
+    counts, unknown = execution_counts(comps, entry)
+    top = _top_level(comps, entry)
+    memo: dict[str, float] = {}
+    coll = {k: {"count": 0.0, "bytes": 0.0, "wire_bytes": 0.0} for k in COLLECTIVES}
+    pallas = {"calls": 0.0, "flops": 0.0, "bytes": 0.0, "seconds": 0.0, "without_cost": 0}
+    xla = {"flops": 0.0, "bytes": 0.0, "seconds": 0.0}
+    loops = {}
+    for name, comp in comps.items():
+        w = counts.get(name, 0.0)
+        if not w:
+            continue
+        for ins in comp.instrs.values():
+            kind = ins.opcode[:-len("-start")] if ins.opcode.endswith("-start") else ins.opcode
+            if kind in COLLECTIVES:
+                data = sum(shape_bytes(comp.instrs[o].shape) for o in ins.operands if o in comp.instrs)
+                c = coll[kind]
+                c["count"] += w
+                c["bytes"] += w * data
+                c["wire_bytes"] += w * data * _wire_factor(kind, _group_size(ins, num_devices))
+                continue
+            if name not in top or ins.opcode in _FREE or ins.opcode.endswith("-done"):
+                if ins.opcode == "while":
+                    loops[ins.name] = trip_count(ins, comp, comps)
+                continue
+            if ins.opcode == "custom-call":
+                if 'custom_call_target="tpu_custom_call"' not in ins.attrs:
+                    continue  # TPU bookkeeping (AllocateBuffer, async preparation)
+                flops, nbytes, has_cost = _pallas_cost(ins, comp)
+                pallas["calls"] += w
+                pallas["flops"] += w * flops
+                pallas["bytes"] += w * nbytes
+                pallas["seconds"] += w * max(flops / peak_flops, nbytes / hbm_bytes_per_s)
+                pallas["without_cost"] += 0 if has_cost else 1
+                continue
+            if ins.opcode == "fusion":
+                flops = sum(_fused_flops(c, comps, memo) for _, c in _called(ins) if c in comps)
+                nbytes = _fusion_bytes(ins, comp, comps)
+            else:
+                flops = _dot_flops(ins, comp) if ins.opcode in ("dot", "convolution") else 0.0
+                nbytes = _plain_bytes(ins, comp)
+            xla["flops"] += w * flops
+            xla["bytes"] += w * nbytes
+            xla["seconds"] += w * max(flops / peak_flops, nbytes / hbm_bytes_per_s)
+    return {"collectives": {k: v for k, v in coll.items() if v["count"]}, "pallas": pallas, "xla": xla,
+            "loops": loops, "unknown_trip_counts": unknown}
+
+
+def collective_kinds(text: str) -> Iterable[str]:
+    """The collective kinds that occur in an HLO text (any count)."""
+    return sorted({k for k in COLLECTIVES if re.search(rf"\s{k}(-start)?\(", text)})
