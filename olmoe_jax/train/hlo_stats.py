@@ -34,7 +34,6 @@ import json
 import math
 import re
 from collections import defaultdict
-from typing import Iterable
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "ragged-all-to-all",
                "collective-permute")
@@ -42,7 +41,7 @@ COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "ragg
 # loop and call bodies, async -done halves).
 _FREE = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "while", "call",
          "conditional", "after-all", "partition-id", "replica-id", "opt-barrier", "add-dependency",
-         "copy-done", "async-done", "send-done", "recv-done"}
+         "copy-done", "async-start", "async-update", "async-done", "send-done", "recv-done"}
 _BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
           "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
 _ARRAY = re.compile(r"\b(pred|[sufc]\d+|bf16|f8e\w+?)\[([\d,]*)\]")
@@ -339,7 +338,7 @@ def _plain_bytes(ins: Instr, comp: Computation) -> float:
     if ins.opcode == "dynamic-update-slice" and len(ins.operands) > 1:
         update = comp.instrs.get(ins.operands[1])
         return 2 * (shape_bytes(update.shape) if update else 0.0)
-    if ins.opcode == "copy-start":  # one pass over the source (its result tuple repeats it)
+    if ins.opcode == "copy-start":  # reads and writes its source (its result tuple repeats it)
         src = comp.instrs.get(ins.operands[0]) if ins.operands else None
         return 2 * shape_bytes(src.shape) if src else 0.0
     operands = sum(shape_bytes(comp.instrs[o].shape) for o in ins.operands if o in comp.instrs)
@@ -425,7 +424,3 @@ def analyze(text: str, *, num_devices: int, peak_flops: float, hbm_bytes_per_s: 
     return {"collectives": {k: v for k, v in coll.items() if v["count"]}, "pallas": pallas, "xla": xla,
             "loops": loops, "unknown_trip_counts": unknown}
 
-
-def collective_kinds(text: str) -> Iterable[str]:
-    """The collective kinds that occur in an HLO text (any count)."""
-    return sorted({k for k in COLLECTIVES if re.search(rf"\s{k}(-start)?\(", text)})
