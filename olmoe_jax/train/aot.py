@@ -3,9 +3,8 @@
 With libtpu installed, `jax.experimental.topologies` describes a slice's devices without
 owning them, and `jit(...).lower(ShapeDtypeStructs with shardings).compile()` runs the real
 TPU compiler on this host. `compile_report(cfg, devices)` compiles the one train step
-(`step.lower_train_step`: the jit, state shardings, batch sharding and donation that
-training uses)
-over a mesh of those devices and reports, per chip:
+(`step.lower_train_step`: the jit, state shardings, batch sharding and donation that training
+uses) over a mesh of those devices and reports, per chip:
 
 - memory: the compiler's argument / output / alias / temporary bytes, their total, and the
   HBM the compiler says it has (a step that does not fit raises `DoesNotFit`);
