@@ -149,7 +149,11 @@ def compile_report(cfg, devices: Sequence, sl: chips_lib.Slice | None = None) ->
     """
     devices = list(devices)
     mesh_shape(cfg, len(devices))  # ConfigError naming the mesh key, before tracing
-    mesh = make_mesh(cfg, devices)
+    try:
+        mesh = make_mesh(cfg, devices)
+    except NotImplementedError as e:  # jax.make_mesh: a mesh axis that is no product of torus axes
+        raise AotError(f"mesh {mesh_shape(cfg, len(devices))} does not map onto the slice's torus: "
+                       f"{str(e).splitlines()[0]}") from e
     chip = sl.chip if sl else chips_lib.chip_of_device_kind(devices[0].device_kind)
     n_chips = sl.chips if sl else len(devices)
     per_chip = len(devices) / n_chips  # devices per chip (v4's libtpu topology: 2 TensorCores)

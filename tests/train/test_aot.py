@@ -138,6 +138,16 @@ def test_step_that_does_not_fit_is_one_line_and_exit_2(capsys):
     assert "does not fit" in lines[0] and "v5e:2x2" in lines[0] and "HBM" in lines[0]
 
 
+@needs_libtpu
+def test_mesh_that_splits_a_torus_axis_is_one_error_line(capsys):
+    # 4x8x8 chips: a mesh axis of 2 would split a physical axis, which jax.make_mesh refuses.
+    code, out, err = _run(capsys, "compile", "-e", "tiny_dense", "-t", "v5p:4x8x8", "--set", "mesh.data=1",
+                          "--set", "mesh.fsdp=128", "--set", "mesh.tensor=2", "--set", "data.batch_size=128")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and not out, err
+    assert "does not map onto the slice's torus" in lines[0] and "'tensor': 2" in lines[0]
+
+
 @pytest.mark.skipif(not HAS_LIBTPU, reason="without libtpu there are no libtpu warnings to keep quiet")
 def test_commands_other_than_compile_do_not_start_libtpu(tmp_path):
     """On a host without TPU devices, the CLI sets JAX_PLATFORMS before jax starts, so jax
