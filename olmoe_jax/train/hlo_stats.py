@@ -300,28 +300,55 @@ def _fused_flops(name: str, comps: dict[str, Computation], memo: dict[str, float
     return memo[name]
 
 
+def _users(comp: Computation) -> dict[str, list[Instr]]:
+    users: dict[str, list[Instr]] = defaultdict(list)
+    for f in comp.instrs.values():
+        for o in f.operands:
+            users[o].append(f)
+    return users
+
+
+def _params(comp: Computation) -> dict[int, str]:
+    return {int(p.args): p.name for p in comp.instrs.values() if p.opcode == "parameter" and p.args.strip().isdigit()}
+
+
+def _read_bytes(comp: Computation, name: str, comps: dict[str, Computation], depth: int = 0) -> float:
+    """HBM bytes a fused computation reads of its value `name` (a parameter): only the slices
+    where every use is a dynamic-slice (also through bitcasts and nested fusions), nothing
+    where it is the buffer of an in-place dynamic-update-slice, else all of it."""
+    full = shape_bytes(comp.instrs[name].shape)
+    total = 0.0
+    for u in _users(comp).get(name, []):
+        if u.opcode == "dynamic-slice" and u.operands[0] == name:
+            total += shape_bytes(u.shape)
+        elif u.opcode == "dynamic-update-slice" and u.operands[0] == name:
+            continue
+        elif u.opcode == "bitcast" and depth < 8:
+            total += _read_bytes(comp, u.name, comps, depth + 1)
+        elif u.opcode == "fusion" and depth < 8:
+            nested = next((comps[c] for _, c in _called(u) if c in comps), None)
+            params = _params(nested) if nested else {}
+            for i, o in enumerate(u.operands):
+                if o == name:
+                    total += _read_bytes(nested, params[i], comps, depth + 1) if i in params else full
+        else:
+            return full
+    return min(total, full)
+
+
 def _fusion_bytes(ins: Instr, comp: Computation, comps: dict[str, Computation]) -> float:
     """HBM bytes a fusion reads and writes: slices of operands it only slices, no rewrite of a
     buffer it updates in place."""
     fused = next((comps[c] for _, c in _called(ins) if c in comps), None)
     if fused is None:
         return _plain_bytes(ins, comp)
-    params = {int(p.args): p.name for p in fused.instrs.values() if p.opcode == "parameter" and p.args.strip().isdigit()}
-    users: dict[str, list[Instr]] = defaultdict(list)
-    for f in fused.instrs.values():
-        for o in f.operands:
-            users[o].append(f)
+    params = _params(fused)
     total = 0.0
     for i, operand in enumerate(ins.operands):
-        src = comp.instrs.get(operand)
-        full = shape_bytes(src.shape) if src else 0.0
-        use = users.get(params.get(i, ""), [])
-        if use and all(u.opcode == "dynamic-slice" and u.operands[0] == params[i] for u in use):
-            total += sum(shape_bytes(u.shape) for u in use)
-        elif use and all(u.opcode == "dynamic-update-slice" and u.operands[0] == params[i] for u in use):
-            pass  # the buffer updated in place: only the update is written (below)
-        else:
-            total += full
+        if i in params:
+            total += _read_bytes(fused, params[i], comps)
+        elif operand in comp.instrs:
+            total += shape_bytes(comp.instrs[operand].shape)
     out = shape_bytes(ins.shape)
     root = fused.instrs.get(fused.root)
     roots = [fused.instrs.get(o) for o in root.operands] if root is not None and root.opcode == "tuple" else [root]
