@@ -66,7 +66,7 @@ def summary(r: dict) -> str:
                  f"{mem['argument_bytes'] / GIB:.2f}, outputs {mem['output_bytes'] / GIB:.2f}, aliased "
                  f"{mem['alias_bytes'] / GIB:.2f}, temporaries {mem['temp_bytes'] / GIB:.2f}, code "
                  f"{mem['code_bytes'] / GIB:.2f})")
-    lines.append(f"model FLOPs: {fl['per_token'] / 1e9:.2f} GFLOP/token, {fl['per_step']:.3e} per step, "
+    lines.append(f"model FLOPs: {fl['per_token']:.3g} per token, {fl['per_step']:.3e} per step, "
                  f"{fl['per_device']:.3e} per device; compiled: XLA {r['compiled']['xla_flops']:.3e}, "
                  f"Pallas {r['compiled']['pallas_flops']:.3e} per device")
     if r["collectives"]:
