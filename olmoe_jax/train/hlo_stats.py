@@ -5,12 +5,9 @@ matmuls reports 3 matmuls' FLOPs, not 48), and its `optimal_seconds` is meaningl
 as the program holds a Pallas/Mosaic custom call (-4.0 s for XLA's own ragged-dot kernels).
 So this module walks the HLO itself:
 
-- Execution counts: every computation gets the number of times it runs per step. A while
-  loop's body runs its trip count: `known_trip_count` from the backend config where the
-  compiler states it, else read from the loop condition `i < N` (ROOT compare LT against a
-  constant, the counter starting from the constant in the loop's init tuple; jax's scan and
-  fori_loop lower to this). A loop matching neither counts once and is listed in
-  `unknown_trip_counts`. Both branches of a conditional are counted (an upper bound).
+- Execution counts: every computation is weighed by how often it runs per step (loop trip
+  counts; hlo_text.py); loops of unknown trip count count once and are listed in
+  `unknown_trip_counts`.
 - Collectives (all-reduce, all-gather, reduce-scatter, all-to-all, ragged-all-to-all,
   collective-permute; sync or async `-start`): count and bytes per chip, times executions.
   `bytes` is the per-chip operand (the buffer each chip sends in); `wire_bytes` what a ring
@@ -29,11 +26,13 @@ So this module walks the HLO itself:
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import re
 from collections import defaultdict
+
+from olmoe_jax.train.hlo_text import (Computation, Instr, called, dims, execution_counts, parse_module,
+                                      shape_bytes, trip_count)
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "ragged-all-to-all",
                "collective-permute")
@@ -42,190 +41,7 @@ COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "ragg
 _FREE = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "while", "call",
          "conditional", "after-all", "partition-id", "replica-id", "opt-barrier", "add-dependency",
          "copy-done", "async-start", "async-update", "async-done", "send-done", "recv-done"}
-_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
-          "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
-_ARRAY = re.compile(r"\b(pred|[sufc]\d+|bf16|f8e\w+?)\[([\d,]*)\]")
-_INSTR = re.compile(r"^\s*(ROOT\s+)?%([\w.\-]+)\s*=\s*(.*)$")
-_HEADER = re.compile(r"^(ENTRY\s+)?%([\w.\-]+)\s*\(.*\{\s*$")
 
-
-@dataclasses.dataclass
-class Instr:
-    name: str
-    shape: str
-    opcode: str
-    operands: list[str]
-    args: str  # the text inside the operand parentheses (a constant's literal)
-    attrs: str
-    root: bool
-
-
-@dataclasses.dataclass
-class Computation:
-    name: str
-    instrs: dict[str, Instr]
-    root: str = ""
-
-
-def _match(text: str, start: int, open_: str = "(", close: str = ")") -> int:
-    """Index of the bracket closing the one at text[start]."""
-    depth = 0
-    for i in range(start, len(text)):
-        if text[i] == open_:
-            depth += 1
-        elif text[i] == close:
-            depth -= 1
-            if depth == 0:
-                return i
-    return len(text) - 1
-
-
-def _parse_instr(line: str) -> Instr | None:
-    m = _INSTR.match(line)
-    if not m:
-        return None
-    rest = m.group(3)
-    if rest.startswith("("):
-        end = _match(rest, 0)
-        shape, rest = rest[:end + 1], rest[end + 1:].lstrip()
-    else:
-        shape, _, rest = rest.partition(" ")
-    paren = rest.find("(")
-    if paren < 0:
-        return None
-    opcode = rest[:paren]
-    end = _match(rest, paren)
-    args = rest[paren + 1:end]
-    operands = re.findall(r"%([\w.\-]+)", args)
-    return Instr(m.group(2), shape, opcode, operands, args, rest[end + 1:], bool(m.group(1)))
-
-
-def parse_module(text: str) -> tuple[dict[str, Computation], str]:
-    """({computation name: Computation}, entry name) of an HLO module's text."""
-    comps: dict[str, Computation] = {}
-    entry = ""
-    current: Computation | None = None
-    for line in text.splitlines():
-        if current is None:
-            h = _HEADER.match(line)
-            if h:
-                current = Computation(h.group(2), {})
-                comps[current.name] = current
-                if h.group(1):
-                    entry = current.name
-            continue
-        if line.startswith("}"):
-            current = None
-            continue
-        ins = _parse_instr(line)
-        if ins is not None:
-            current.instrs[ins.name] = ins
-            if ins.root:
-                current.root = ins.name
-    return comps, entry
-
-
-def shape_bytes(shape: str) -> float:
-    """Bytes of an HLO shape (a tuple: the sum of its arrays); layouts are ignored."""
-    total = 0.0
-    for dtype, dims in _ARRAY.findall(shape):
-        n = math.prod(int(d) for d in dims.split(",") if d) if dims else 1
-        total += n * _BYTES.get(dtype, 1)
-    return total
-
-
-def _dims(shape: str) -> list[int]:
-    m = _ARRAY.search(shape)
-    return [int(d) for d in m.group(2).split(",") if d] if m and m.group(2) else []
-
-
-def _called(ins: Instr) -> list[tuple[str, str]]:
-    """(role, computation) pairs an instruction calls."""
-    out = []
-    for role in ("body", "condition", "calls", "to_apply", "true_computation", "false_computation"):
-        out += [(role, c) for c in re.findall(rf"\b{role}=%([\w.\-]+)", ins.attrs)]
-    for role in ("branch_computations", "called_computations"):
-        for group in re.findall(rf"\b{role}=\{{([^}}]*)\}}", ins.attrs):
-            out += [(role, c) for c in re.findall(r"%([\w.\-]+)", group)]
-    return out
-
-
-def trip_count(ins: Instr, comp: Computation, comps: dict[str, Computation]) -> int | None:
-    """Iterations of a while loop, or None when neither the backend config nor an `i < N`
-    condition states it."""
-    known = re.search(r'"known_trip_count":\{"n":"(\d+)"', ins.attrs)
-    if known:
-        return int(known.group(1))
-    cond_name = dict(_called(ins)).get("condition")
-    cond = comps.get(cond_name) if cond_name else None
-    if cond is None or not cond.root:
-        return None
-    root = cond.instrs[cond.root]
-    if root.opcode != "compare" or "direction=LT" not in root.attrs or len(root.operands) != 2:
-        return None
-    counter, limit = (cond.instrs.get(n) for n in root.operands)
-    if counter is None or limit is None or limit.opcode != "constant" or counter.opcode != "get-tuple-element":
-        return None
-    n = _constant_value(limit)
-    index = re.search(r"index=(\d+)", counter.attrs)
-    if n is None or index is None:
-        return None
-    start = 0
-    init = comp.instrs.get(ins.operands[0]) if ins.operands else None
-    if init is not None and init.opcode == "tuple" and int(index.group(1)) < len(init.operands):
-        first = comp.instrs.get(init.operands[int(index.group(1))])
-        if first is not None and first.opcode == "constant":
-            start = _constant_value(first) or 0
-    return max(n - start, 0)
-
-
-def _constant_value(ins: Instr) -> int | None:
-    m = re.fullmatch(r"\s*(-?\d+)\s*", ins.args)
-    return int(m.group(1)) if m else None
-
-
-def execution_counts(comps: dict[str, Computation], entry: str) -> tuple[dict[str, float], list[str]]:
-    """({computation: executions per run of the entry}, loops whose trip count is unknown)."""
-    counts: dict[str, float] = defaultdict(float)
-    unknown: list[str] = []
-    counts[entry] = 1.0
-    # Callers precede callees in a topological order: visit from the entry, accumulating.
-    order = _topological(comps, entry)
-    for name in order:
-        comp = comps[name]
-        w = counts[name]
-        for ins in comp.instrs.values():
-            for role, callee in _called(ins):
-                if callee not in comps:
-                    continue
-                times = 1
-                if ins.opcode == "while" and role in ("body", "condition"):
-                    n = trip_count(ins, comp, comps)
-                    if n is None:
-                        unknown.append(ins.name)
-                        n = 1
-                    times = n + (role == "condition")
-                counts[callee] += w * times
-    return dict(counts), sorted(set(unknown))
-
-
-def _topological(comps, entry) -> list[str]:
-    seen = {entry}
-    post: list[str] = []
-    stack = [(entry, iter([c for ins in comps[entry].instrs.values() for _, c in _called(ins)]))]
-    while stack:
-        name, it = stack[-1]
-        nxt = next((c for c in it if c in comps and c not in seen), None)
-        if nxt is None:
-            post.append(name)
-            stack.pop()
-            continue
-        seen.add(nxt)
-        stack.append((nxt, iter([c for ins in comps[nxt].instrs.values() for _, c in _called(ins)])))
-    return post[::-1]
-
-
-# ----------------------------------------------------------------------------- per-op costs
 
 def _group_size(ins: Instr, num_devices: int) -> int:
     """Devices in each replica group of a collective."""
@@ -250,16 +66,16 @@ def _wire_factor(kind: str, n: int) -> float:
 
 
 def _dot_flops(ins: Instr, comp: Computation) -> float:
-    out = math.prod(_dims(ins.shape))
+    out = math.prod(dims(ins.shape))
     lhs = comp.instrs.get(ins.operands[0]) if ins.operands else None
     rhs = comp.instrs.get(ins.operands[1]) if len(ins.operands) > 1 else None
     if ins.opcode == "dot":
-        lhs_dims = _dims(lhs.shape) if lhs else []
+        lhs_dims = dims(lhs.shape) if lhs else []
         contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", ins.attrs)
         k = math.prod(lhs_dims[int(d)] for d in contracting.group(1).split(",") if d) if contracting and lhs_dims else 1
         return 2.0 * out * k
     labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", ins.attrs)
-    lhs_dims, rhs_dims, out_dims = (_dims(x.shape) if x else [] for x in (lhs, rhs, ins))
+    lhs_dims, rhs_dims, out_dims = (dims(x.shape) if x else [] for x in (lhs, rhs, ins))
     if not labels or len(labels.group(2)) != len(rhs_dims) or len(labels.group(1)) != len(lhs_dims):
         return 0.0
     lhs_l, rhs_l, out_l = labels.groups()
@@ -295,7 +111,7 @@ def _fused_flops(name: str, comps: dict[str, Computation], memo: dict[str, float
             if ins.opcode in ("dot", "convolution"):
                 total += _dot_flops(ins, comp)
             elif ins.opcode == "fusion":
-                total += sum(_fused_flops(c, comps, memo) for _, c in _called(ins) if c in comps)
+                total += sum(_fused_flops(c, comps, memo) for _, c in called(ins) if c in comps)
         memo[name] = total
     return memo[name]
 
@@ -326,7 +142,7 @@ def _read_bytes(comp: Computation, name: str, comps: dict[str, Computation], dep
         elif u.opcode == "bitcast" and depth < 8:
             total += _read_bytes(comp, u.name, comps, depth + 1)
         elif u.opcode == "fusion" and depth < 8:
-            nested = next((comps[c] for _, c in _called(u) if c in comps), None)
+            nested = next((comps[c] for _, c in called(u) if c in comps), None)
             params = _params(nested) if nested else {}
             for i, o in enumerate(u.operands):
                 if o == name:
@@ -339,7 +155,7 @@ def _read_bytes(comp: Computation, name: str, comps: dict[str, Computation], dep
 def _fusion_bytes(ins: Instr, comp: Computation, comps: dict[str, Computation]) -> float:
     """HBM bytes a fusion reads and writes: slices of operands it only slices, no rewrite of a
     buffer it updates in place."""
-    fused = next((comps[c] for _, c in _called(ins) if c in comps), None)
+    fused = next((comps[c] for _, c in called(ins) if c in comps), None)
     if fused is None:
         return _plain_bytes(ins, comp)
     params = _params(fused)
@@ -388,7 +204,7 @@ def _top_level(comps: dict[str, Computation], entry: str) -> set[str]:
     top = {entry}
     for comp in comps.values():
         for ins in comp.instrs.values():
-            for role, callee in _called(ins):
+            for role, callee in called(ins):
                 if (ins.opcode, role) in (("while", "body"), ("while", "condition"), ("call", "to_apply")) \
                         or ins.opcode == "conditional" or (ins.opcode == "async-start" and role == "calls"):
                     top.add(callee)
@@ -440,7 +256,7 @@ def analyze(text: str, *, num_devices: int, peak_flops: float, hbm_bytes_per_s: 
                 pallas["without_cost"] += 0 if has_cost else 1
                 continue
             if ins.opcode == "fusion":
-                flops = sum(_fused_flops(c, comps, memo) for _, c in _called(ins) if c in comps)
+                flops = sum(_fused_flops(c, comps, memo) for _, c in called(ins) if c in comps)
                 nbytes = _fusion_bytes(ins, comp, comps)
             else:
                 flops = _dot_flops(ins, comp) if ins.opcode in ("dot", "convolution") else 0.0
