@@ -31,14 +31,23 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
 
-def _lane_block(n: int) -> int:
-    # 128 is the TPU lane width; an axis that is not a multiple of it is taken whole.
-    return 128 if n % 128 == 0 else n
+def _lane_block(n: int, want: int = 512) -> int:
+    # A multiple of the 128-wide lanes dividing n, at most `want`; an axis that is not a
+    # multiple of 128 is taken whole.
+    if n % 128:
+        return n
+    return max(b for b in range(128, min(n, want) + 1, 128) if n % b == 0)
+
+
+def _cost(flops: int, *arrays_times_read) -> pl.CostEstimate:
+    """The kernel's FLOPs and HBM bytes: sum of (bytes of an array) * (times it is streamed)."""
+    return pl.CostEstimate(flops=int(flops), transcendentals=0,
+                           bytes_accessed=int(sum(n * r for n, r in arrays_times_read)))
 
 
 def _gmm_kernel(tile_expert_ref, tile_valid_ref, lhs_ref, rhs_ref, out_ref):
     del tile_expert_ref  # consumed by the index maps
-    i = pl.program_id(0)
+    i = pl.program_id(1)
 
     @pl.when(tile_valid_ref[i] != 0)
     def _():
@@ -51,29 +60,39 @@ def _gmm_kernel(tile_expert_ref, tile_valid_ref, lhs_ref, rhs_ref, out_ref):
 
 
 def gmm(lhs_GK, rhs_EKN, tile_expert, tile_valid, *, tm: int, interpret: bool):
-    """out[G, N]: each tile's rows times its expert's [K, N] (full K per block)."""
+    """out[G, N]: each tile's rows times its expert's [K, N] (full K per block).
+
+    The grid runs the N blocks outside and the tiles inside: consecutive tiles of one expert
+    keep the same weight block, which the pipeline then does not fetch again, so the weights
+    stream about once and the lhs N / tn times (tn up to 512).
+    """
     G, K = lhs_GK.shape
     E, _, N = rhs_EKN.shape
     tn = _lane_block(N)
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=2,
-        grid=(G // tm, N // tn),
+        grid=(N // tn, G // tm),
         in_specs=[
-            pl.BlockSpec((tm, K), lambda i, j, te, tv: (i, 0)),
-            pl.BlockSpec((None, K, tn), lambda i, j, te, tv: (te[i], 0, j)),
+            pl.BlockSpec((tm, K), lambda j, i, te, tv: (i, 0)),
+            pl.BlockSpec((None, K, tn), lambda j, i, te, tv: (te[i], 0, j)),
         ],
-        out_specs=pl.BlockSpec((tm, tn), lambda i, j, te, tv: (i, j)),
+        out_specs=pl.BlockSpec((tm, tn), lambda j, i, te, tv: (i, j)),
     )
+    it = lhs_GK.dtype.itemsize
     return pl.pallas_call(
         _gmm_kernel,
         grid_spec=grid_spec,
         out_shape=jax.ShapeDtypeStruct((G, N), lhs_GK.dtype),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
+        # Weights: each expert's block once per N block (an upper bound: only when the expert
+        # owns a tile); the tile tables are negligible.
+        cost_estimate=_cost(2 * G * K * N, (G * K * it, N // tn), (E * K * N * it, 1),
+                            (G * N * it, 1)),
         interpret=interpret,
     )(tile_expert, tile_valid, lhs_GK, rhs_EKN)
 
 
-def _tgmm_kernel(tile_expert_ref, tile_valid_ref, lhsT_ref, dout_ref, out_ref):
+def _tgmm_kernel(tile_expert_ref, tile_valid_ref, lhs_ref, dout_ref, out_ref):
     i = pl.program_id(2)
     # Tiles are sorted by expert, so an expert's output block stays resident over a run of
     # consecutive grid steps: zero it on the run's first tile, accumulate after.
@@ -86,7 +105,11 @@ def _tgmm_kernel(tile_expert_ref, tile_valid_ref, lhsT_ref, dout_ref, out_ref):
 
     @pl.when(tile_valid_ref[i] != 0)
     def _():
-        out_ref[...] += jnp.dot(lhsT_ref[...], dout_ref[...], preferred_element_type=jnp.float32)
+        # lhs_tile^T @ dout_tile: contracting the row axis of both in the kernel keeps the
+        # lhs block (tm, tk) legal for any tm that is a multiple of 8 (a transposed (tk, tm)
+        # block needs tm % 128 == 0) and saves an XLA transpose of the whole lhs.
+        out_ref[...] += jax.lax.dot_general(lhs_ref[...], dout_ref[...], (((0,), (0,)), ((), ())),
+                                            preferred_element_type=jnp.float32)
 
 
 def tgmm(lhs_GK, dout_GN, tile_expert, tile_valid, num_experts: int, *, tm: int, interpret: bool):
@@ -97,12 +120,12 @@ def tgmm(lhs_GK, dout_GN, tile_expert, tile_valid, num_experts: int, *, tm: int,
     G, K = lhs_GK.shape
     N = dout_GN.shape[1]
     tk, tn = _lane_block(K), _lane_block(N)
-    lhsT_KG = lhs_GK.T  # the MXU wants the contraction on the lhs's last axis
+    it = lhs_GK.dtype.itemsize
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=2,
         grid=(K // tk, N // tn, G // tm),
         in_specs=[
-            pl.BlockSpec((tk, tm), lambda a, b, i, te, tv: (a, i)),
+            pl.BlockSpec((tm, tk), lambda a, b, i, te, tv: (i, a)),
             pl.BlockSpec((tm, tn), lambda a, b, i, te, tv: (i, b)),
         ],
         out_specs=pl.BlockSpec((None, tk, tn), lambda a, b, i, te, tv: (te[i], a, b)),
@@ -113,8 +136,11 @@ def tgmm(lhs_GK, dout_GN, tile_expert, tile_valid, num_experts: int, *, tm: int,
         out_shape=jax.ShapeDtypeStruct((num_experts, K, N), jnp.float32),
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "arbitrary")),
+        # Every (K block, N block) pass streams all tiles of its lhs and dout blocks.
+        cost_estimate=_cost(2 * G * K * N, (G * K * it, N // tn), (G * N * it, K // tk),
+                            (num_experts * K * N * 4, 1)),
         interpret=interpret,
-    )(tile_expert, tile_valid, lhsT_KG, dout_GN)
+    )(tile_expert, tile_valid, lhs_GK, dout_GN)
 
 
 # ----------------------------------------------------------------- Triton (GPU) style
@@ -153,6 +179,7 @@ def gmm_gpu(lhs_GK, rhs_EKN, tile_expert, tile_valid, *, tm: int, interpret: boo
     N = rhs_EKN.shape[2]
     tn = min(N, 128)
     _check_blocks(N=(N, tn))
+    it = lhs_GK.dtype.itemsize
     te, tv = _pad_pow2(tile_expert), _pad_pow2(tile_valid)
     return pl.pallas_call(
         functools.partial(_gmm_gpu_kernel, tn),
@@ -162,6 +189,9 @@ def gmm_gpu(lhs_GK, rhs_EKN, tile_expert, tile_valid, *, tm: int, interpret: boo
         out_specs=pl.BlockSpec((tm, tn), lambda i, j: (i, j)),
         out_shape=jax.ShapeDtypeStruct((G, N), lhs_GK.dtype),
         compiler_params=_gpu_params(interpret),
+        # Each (tile, N block) program loads its lhs tile and its expert's [K, tn] block.
+        cost_estimate=_cost(2 * G * K * N, (G * K * it, N // tn), ((G // tm) * K * N * it, 1),
+                            (G * N * it, 1)),
         interpret=interpret,
     )(te, tv, lhs_GK, rhs_EKN)
 
@@ -188,6 +218,7 @@ def tgmm_gpu(lhs_GK, dout_GN, tile_expert, tile_valid, num_experts: int, *, tm: 
     N = dout_GN.shape[1]
     tk, tn = min(K, 128), min(N, 128)
     _check_blocks(K=(K, tk), N=(N, tn))
+    it = lhs_GK.dtype.itemsize
     # Per expert: its first tile and number of valid tiles (tiles are sorted by expert).
     live = tile_valid != 0
     num_tiles_E = jnp.zeros((num_experts,), jnp.int32).at[tile_expert].add(live.astype(jnp.int32))
@@ -200,5 +231,8 @@ def tgmm_gpu(lhs_GK, dout_GN, tile_expert, tile_valid, num_experts: int, *, tm: 
         out_specs=pl.BlockSpec((None, tk, tn), lambda e, a, b: (e, a, b)),
         out_shape=jax.ShapeDtypeStruct((num_experts, K, N), jnp.float32),
         compiler_params=_gpu_params(interpret),
+        # An (expert, K block, N block) program reads its expert's rows of both inputs.
+        cost_estimate=_cost(2 * G * K * N, (G * K * it, N // tn), (G * N * it, K // tk),
+                            (num_experts * K * N * 4, 1)),
         interpret=interpret,
     )(ft, nt, lhs_GK, dout_GN)

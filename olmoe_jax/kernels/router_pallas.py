@@ -54,6 +54,17 @@ def _router_kernel(num_tokens, k, renormalize, logits_ref, w_ref, idx_ref, lse_r
     psum_ref[...] = jnp.sum(jnp.where(live_b1, p_bE, 0.0), axis=0, keepdims=True)
 
 
+def _cost(nb: int, bt: int, E: int, k: int) -> pl.CostEstimate:
+    """Vector ops per (token, expert) element, counted from the kernel: 4 for the softmax
+    (max, subtract, sum, divide), 6 per top-k round (max, compare, select the index, min,
+    compare, mask out) and 4 for the statistics; exp per element and one log per token.
+    Bytes: the f32 logits in; [rows, k] weights and ids, [rows] lse and per block the [E]
+    counts and probability sums out (4 bytes each)."""
+    rows = nb * bt
+    return pl.CostEstimate(flops=rows * E * (8 + 6 * k), transcendentals=rows * (E + 1),
+                           bytes_accessed=4 * (rows * (E + 2 * k + 1) + 2 * nb * E))
+
+
 def route_topk(logits_TE, k: int, renormalize: bool, *, block_tokens: int = 256,
                interpret: bool, platform: str = "tpu"):
     """(weights_Tk f32, idx_Tk int32, lse_T f32, counts_E int32, prob_sum_E f32)."""
@@ -76,6 +87,7 @@ def route_topk(logits_TE, k: int, renormalize: bool, *, block_tokens: int = 256,
                    jax.ShapeDtypeStruct((nb, 1, E), jnp.int32),
                    jax.ShapeDtypeStruct((nb, 1, E), jnp.float32)],
         compiler_params=pltriton.CompilerParams() if platform == "gpu" and not interpret else None,
+        cost_estimate=_cost(nb, bt, E, k),
         interpret=interpret,
     )(logits)
     return w[:T], idx[:T], lse[:T, 0], jnp.sum(counts, axis=(0, 1)), jnp.sum(psum, axis=(0, 1))

@@ -138,3 +138,26 @@ def test_round_trip_recovers_weighted_tokens_under_jit():
 
     np.testing.assert_allclose(round_trip(x, w, jnp.asarray(idx)), x * w.sum(1, keepdims=True),
                                rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_row_kernels_over_several_blocks_with_a_padded_tail(dtype):
+    # The Pallas row kernels step over 16-row blocks; 37 tokens / 90 rows leave a partial
+    # last block (padded with index 0 and weight 0, then cut off). Duplicate indices included.
+    from olmoe_jax.kernels import permute_pallas
+
+    rng = np.random.default_rng(3)
+    T, k, D, G = 37, 3, 128, 90
+    x = jnp.asarray(rng.standard_normal((T, D)), dtype)
+    buf = jnp.asarray(rng.standard_normal((G, D)), dtype)
+    src = jnp.asarray(rng.integers(0, T, G), jnp.int32)
+    scale = jnp.asarray(rng.random(G), jnp.float32)
+    dest = jnp.asarray(rng.integers(0, G, (T, k)), jnp.int32)
+    w = jnp.asarray(rng.random((T, k)), jnp.float32)
+    got_g = permute_pallas.gather_rows(x, src, scale, interpret=True, block_rows=16)
+    got_c = permute_pallas.combine_rows(buf, dest, w, interpret=True, block_tokens=16)
+    ref_g = as64(x)[np.asarray(src)] * np.asarray(scale, np.float64)[:, None]
+    ref_c = np.einsum("tkd,tk->td", as64(buf)[np.asarray(dest)], np.asarray(w, np.float64))
+    assert got_g.shape == (G, D) and got_c.shape == (T, D)
+    np.testing.assert_allclose(as64(got_g), ref_g, **TOL[dtype])
+    np.testing.assert_allclose(as64(got_c), ref_c, **TOL[dtype])
