@@ -46,6 +46,7 @@ def default_config() -> ml_collections.ConfigDict:
     m.capacity_factor = 0.0  # >0: fixed expert capacity (tokens over it are dropped, counted)
     m.moe_impl = "dropless"  # dense | capacity | dropless
     m.moe_backend = "auto"  # dropless grouped matmul: auto | xla | pallas | ragged_dot | megablox | tokamax
+    m.attention_impl = "auto"  # auto (TPU: splash, GPU: cudnn in bf16, else xla) | xla | splash | cudnn
     m.lb_loss_type = "olmoe"  # olmoe (megablocks, per layer, 1/k) | hf (transformers' pooled form)
     m.lb_loss_weight = 0.01
     m.z_loss_weight = 0.001
@@ -111,6 +112,7 @@ _CHOICES = {
     "model.router_type": ("token_choice", "expert_choice"),
     "model.moe_impl": ("dense", "capacity", "dropless"),
     "model.moe_backend": ("auto", "xla", "pallas", "ragged_dot", "megablox", "tokamax"),
+    "model.attention_impl": ("auto", "xla", "splash", "cudnn"),
     "model.lb_loss_type": ("olmoe", "hf"),
     "model.init": ("truncated_normal", "normal"),
     "model.param_dtype": ("float32", "bfloat16"),
@@ -171,6 +173,12 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
             f"model.num_kv_heads={m.num_kv_heads} must divide model.num_heads={m.num_heads} (GQA groups)")
     if head_dim(cfg) % 2:
         raise ConfigError(f"head dim {head_dim(cfg)} must be even for rotary embeddings; change model.head_dim")
+    if m.attention_impl == "splash" and cfg.data.seq_len % 128:
+        raise ConfigError(f"model.attention_impl=splash needs data.seq_len a multiple of 128, got "
+                          f"{cfg.data.seq_len}; change data.seq_len or set model.attention_impl=auto")
+    if m.attention_impl == "cudnn" and m.compute_dtype != "bfloat16":
+        raise ConfigError("model.attention_impl=cudnn needs model.compute_dtype=bfloat16 (cuDNN's "
+                          "fused attention has no float32); or set model.attention_impl=auto")
     if m.ffn_type == "moe":
         if m.top_k > m.num_experts:
             raise ConfigError(

@@ -19,6 +19,9 @@ from olmoe_jax.config import ConfigError, apply_overrides, default_config, mesh_
     (["model.router_type=expert_choice"], "model.capacity_factor"),
     (["model.capacity_factor=1.25"], "model.moe_impl"),
     (["model.head_dim=7"], "head dim"),
+    (["model.attention_impl=flash"], "model.attention_impl"),
+    (["model.attention_impl=splash", "data.seq_len=200"], "model.attention_impl=splash"),
+    (["model.attention_impl=cudnn"], "model.attention_impl=cudnn"),
 ])
 def test_invalid_values_name_their_key(overrides, key):
     cfg = apply_overrides(default_config(), overrides)

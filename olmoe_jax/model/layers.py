@@ -8,7 +8,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from olmoe_jax.parallel.rules import constrain
+from olmoe_jax.kernels import attention as attention_kernels
+from olmoe_jax.parallel.rules import activation_spec, constrain
 
 
 def rms_norm(x, scale, eps: float):
@@ -79,6 +80,8 @@ def _attend(q_BTKGh, keys_BSKh, values_BSKh, mask_BTS, dt):
 # needs keys [0, end of block i), which skips (nb-1)/(2nb) of the causal square. 4 blocks
 # measured 1.45x faster than the full square for attention fwd+bwd at T=256 on CPU.
 CAUSAL_BLOCKS = 4
+_Q_AXES = ("batch", "length", "heads", "head_dim")
+_KV_AXES = ("batch", "length", "kv_heads", "head_dim")
 
 
 def attention(p, x_BTD, positions_BT, cfg, cache=None, *, in_order: bool = False, mesh=None):
@@ -88,9 +91,11 @@ def attention(p, x_BTD, positions_BT, cfg, cache=None, *, in_order: bool = False
     cache: None, or {"k": [B,S,K,hd], "v": [B,S,K,hd], "index": int32 []}: the new keys and values
     are written at positions index..index+T, and queries attend to everything written so far.
     in_order: positions are 0..T-1 in every row (no cache), so keys after a query block can be
-    skipped, not just masked.
+    skipped, not just masked; only then may `model.attention_impl` pick a kernel (splash on
+    TPU, cudnn on GPU: kernels/attention.py).
     mesh: under a sharded jit, queries/keys/values are constrained to the batch split with
-    heads over tensor (parallel/rules.py); None: no constraints.
+    heads over tensor (parallel/rules.py); None: no constraints. Splash runs per shard of
+    that layout (a shard_map over `mesh`).
     Returns (y_BTD, new_cache or None).
     """
     m = cfg.model
@@ -101,12 +106,20 @@ def attention(p, x_BTD, positions_BT, cfg, cache=None, *, in_order: bool = False
     if m.qk_norm:  # over the whole projection, before RoPE (OLMoE)
         q = norm(q, p.get("q_norm"), cfg, num_axes=2)
         k = norm(k, p.get("k_norm"), cfg, num_axes=2)
-    q = constrain(rope(q, positions_BT, m.rope_theta), ("batch", "length", "heads", "head_dim"), mesh)
-    k = constrain(rope(k, positions_BT, m.rope_theta), ("batch", "length", "kv_heads", "head_dim"), mesh)
-    v = constrain(v, ("batch", "length", "kv_heads", "head_dim"), mesh)
+    q = constrain(rope(q, positions_BT, m.rope_theta), _Q_AXES, mesh)
+    k = constrain(rope(k, positions_BT, m.rope_theta), _KV_AXES, mesh)
+    v = constrain(v, _KV_AXES, mesh)
 
     B, T, H, hd = q.shape
     K = k.shape[2]
+    if in_order and cache is None:
+        impl = attention_kernels.resolve_impl(
+            m.attention_impl, T, dt, mesh_known=mesh is not None or jax.device_count() == 1)
+        if impl != "xla":
+            out = (attention_kernels.splash_attention(
+                q, k, v, mesh, activation_spec(_Q_AXES), activation_spec(_KV_AXES))
+                   if impl == "splash" else attention_kernels.cudnn_attention(q, k, v))
+            return jnp.einsum("bthk,hkd->btd", out, p["wo"].astype(dt)), None
     q = q.reshape(B, T, K, H // K, hd)
     new_cache = None
     if cache is None:
