@@ -20,8 +20,10 @@ Backends:
   megablox   jax's megablox gmm/tgmm (TPU kernels; interpret mode elsewhere).
   ragged_dot jax.lax.ragged_dot; XLA:GPU lowers it to a grouped GEMM, so the GPU default.
   tokamax    tokamax.ragged_dot if the optional package is installed (not a dependency).
-`auto`: cpu -> xla; tpu -> megablox (maintained and tuned by the jax team; `pallas` is the
-alternative to compare on hardware); gpu -> ragged_dot (XLA's own grouped GEMM, no extra
+`auto`: cpu -> xla; tpu -> pallas (compiled for v5p at OLMoE's per-device size, the
+project's kernels stream less HBM than megablox as called here, tiling (tm, 128, 128), and
+than megablox at (tm, 512, 1024): docs/tpu_kernels.md, benchmarks/tpu_kernels_aot.py; an
+estimate, not a TPU timing); gpu -> ragged_dot (XLA's own grouped GEMM, no extra
 dependency; the Triton-style `pallas` kernels and tokamax's are untimed here: no GPU).
 """
 from __future__ import annotations
@@ -38,7 +40,7 @@ BACKENDS = ("auto", "xla", "pallas", "megablox", "ragged_dot", "tokamax")
 
 def default_backend(platform: str | None = None) -> str:
     platform = platform or jax.default_backend()
-    return {"cpu": "xla", "tpu": "megablox", "gpu": "ragged_dot"}.get(platform, "xla")
+    return {"cpu": "xla", "tpu": "pallas", "gpu": "ragged_dot"}.get(platform, "xla")
 
 
 def tile_owners(padded_sizes_E, num_tiles: int, tm: int):
@@ -74,7 +76,8 @@ def _xla_gmm(lhs_GK, rhs_EKN, tile_expert, tile_valid, *, tm):
     return out.reshape(G, N)
 
 
-def _xla_tgmm(lhs_GK, dout_GN, tile_expert, tile_valid, num_experts, *, tm):
+def _xla_tgmm(lhs_GK, dout_GN, tile_expert, tile_valid, num_experts, *, tm,
+              out_dtype=jnp.float32):
     G, K = lhs_GK.shape
     N = dout_GN.shape[1]
 
@@ -91,7 +94,7 @@ def _xla_tgmm(lhs_GK, dout_GN, tile_expert, tile_valid, num_experts, *, tm):
     acc, _ = jax.lax.scan(
         tile, jnp.zeros((num_experts, K, N), jnp.float32),
         (lhs_GK.reshape(G // tm, tm, K), dout_GN.reshape(G // tm, tm, N), tile_expert, tile_valid))
-    return acc
+    return acc.astype(out_dtype)
 
 
 # ------------------------------------------------- tiled backends share one custom_vjp
@@ -122,7 +125,8 @@ def _tiled_gmm_bwd(tm, impl, interpret, res, dout_GN):
     lhs_GK, rhs_EKN, padded_sizes_E, te, tv = res
     fwd, tfwd = _tiled_ops(impl, interpret)
     dlhs_GK = fwd(dout_GN.astype(lhs_GK.dtype), jnp.swapaxes(rhs_EKN, 1, 2), te, tv, tm=tm)
-    drhs_EKN = tfwd(lhs_GK, dout_GN.astype(lhs_GK.dtype), te, tv, rhs_EKN.shape[0], tm=tm)
+    drhs_EKN = tfwd(lhs_GK, dout_GN.astype(lhs_GK.dtype), te, tv, rhs_EKN.shape[0], tm=tm,
+                    out_dtype=rhs_EKN.dtype)
     # Experts without a tile are never visited by the Pallas tgmm; their gradient is zero.
     drhs_EKN = jnp.where((padded_sizes_E > 0)[:, None, None], drhs_EKN, 0.0)
     return dlhs_GK, drhs_EKN.astype(rhs_EKN.dtype), None
@@ -262,7 +266,7 @@ _xla_swiglu.defvjp(_xla_swiglu_fwd, _xla_swiglu_bwd)
 # ----------------------------------------------------------------------------- front end
 
 def gmm(lhs_GK, rhs_EKN, padded_sizes_E, *, tm: int, backend: str = "auto",
-        platform: str | None = None):
+        platform: str | None = None, interpret: bool | None = None):
     """[G, N] = per-expert lhs rows @ rhs[e]; differentiable in lhs and rhs.
 
     lhs_GK: [G, K], G a multiple of tm, in the layout `permute` writes.
@@ -271,13 +275,16 @@ def gmm(lhs_GK, rhs_EKN, padded_sizes_E, *, tm: int, backend: str = "auto",
     platform: the platform to pick kernels for (`auto`, and the Pallas style: Triton on gpu,
       Mosaic otherwise); default jax's backend. Pallas kernels are interpreted when jax runs
       on CPU, so tests can run the GPU style here with platform="gpu".
+    interpret: run Pallas kernels in interpret mode; default when jax runs on CPU. Pass
+      False (with platform="tpu") to compile the real kernels for a TPU from a CPU host.
     """
     G, K = lhs_GK.shape
     if G % tm:
         raise ValueError(f"gmm: lhs rows {G} are not a multiple of the tile size tm={tm}")
     if rhs_EKN.ndim != 3 or rhs_EKN.shape[1] != K:
         raise ValueError(f"gmm: rhs must be [E, K={K}, N], got {rhs_EKN.shape}")
-    interpret = jax.default_backend() == "cpu"
+    if interpret is None:
+        interpret = jax.default_backend() == "cpu"
     platform = platform or jax.default_backend()
     if backend == "auto":
         backend = default_backend(platform)
@@ -319,7 +326,8 @@ def _megablox(lhs_GK, rhs_EKN, padded_sizes_E, tm, *, interpret):
 
 
 def gmm_swiglu(lhs_GD, w_gate_EDF, w_up_EDF, w_down_EFD, padded_sizes_E, *, tm: int,
-               backend: str = "auto", platform: str | None = None):
+               backend: str = "auto", platform: str | None = None,
+               interpret: bool | None = None):
     """[G, D'] = per expert e: (silu(lhs @ w_gate[e]) * (lhs @ w_up[e])) @ w_down[e].
 
     The routed SwiGLU experts on the `permute` layout, as `gmm` defines its rows (slack rows
@@ -341,6 +349,7 @@ def gmm_swiglu(lhs_GD, w_gate_EDF, w_up_EDF, w_down_EFD, padded_sizes_E, *, tm: 
         return _xla_swiglu(lhs_GD, w_gate_EDF, w_up_EDF, w_down_EFD, padded_sizes_E, tm)
     F = w_gate_EDF.shape[2]
     w_gu_EDF2 = jnp.concatenate([w_gate_EDF, w_up_EDF], axis=2)
-    gu_GF2 = gmm(lhs_GD, w_gu_EDF2, padded_sizes_E, tm=tm, backend=backend, platform=platform)
+    run = functools.partial(gmm, tm=tm, backend=backend, platform=platform, interpret=interpret)
+    gu_GF2 = run(lhs_GD, w_gu_EDF2, padded_sizes_E)
     h_GF = jax.nn.silu(gu_GF2[:, :F]) * gu_GF2[:, F:]
-    return gmm(h_GF, w_down_EFD, padded_sizes_E, tm=tm, backend=backend, platform=platform)
+    return run(h_GF, w_down_EFD, padded_sizes_E)

@@ -14,8 +14,13 @@ pointer into global memory, so the kernel reads the tile's expert id itself and 
 whole weight array with it. GPU programs run in no fixed order, so the weight gradient gives
 each (expert, K block, N block) to one program that loops over that expert's tiles. Triton
 wants power-of-two block dims: tm, K, N and the tile tables (padded here) should be powers
-of two. Both styles lower for their platform from this CPU machine (tests/kernels/
-test_lowering.py); neither has been compiled or timed on an accelerator here.
+of two. The Mosaic style compiles for TPU v5p / v6e through libtpu from this CPU machine, at
+OLMoE's size too (tests/kernels/test_compile.py); the Triton style only lowers (compiling
+needs the CUDA plugin). Neither has been timed on an accelerator here (docs/tpu_kernels.md
+has the compiler's estimates).
+
+Every pallas_call carries a pl.CostEstimate (FLOPs of the full tiles, HBM bytes counting
+each block as often as the grid streams it), which a TPU program's cost_analysis reports.
 
 Shapes: lhs [G, K] with G = num_tiles * tm; rhs [E, K, N]; tile_expert, tile_valid
 [num_tiles] int32. Rows of invalid (tail) tiles get zero output.
@@ -92,28 +97,36 @@ def gmm(lhs_GK, rhs_EKN, tile_expert, tile_valid, *, tm: int, interpret: bool):
     )(tile_expert, tile_valid, lhs_GK, rhs_EKN)
 
 
-def _tgmm_kernel(tile_expert_ref, tile_valid_ref, lhs_ref, dout_ref, out_ref):
-    i = pl.program_id(2)
+def _tgmm_kernel(tile_expert_ref, tile_valid_ref, lhs_ref, dout_ref, out_ref, acc_ref):
+    i, last_step = pl.program_id(2), pl.num_programs(2) - 1
     # Tiles are sorted by expert, so an expert's output block stays resident over a run of
-    # consecutive grid steps: zero it on the run's first tile, accumulate after.
-    prev = tile_expert_ref[jnp.maximum(i - 1, 0)]
-    first = jnp.logical_or(i == 0, tile_expert_ref[i] != prev)
+    # consecutive grid steps: the f32 accumulator is zeroed on the run's first tile and
+    # written out (in the output dtype) on its last.
+    e = tile_expert_ref[i]
+    first = jnp.logical_or(i == 0, e != tile_expert_ref[jnp.maximum(i - 1, 0)])
+    last = jnp.logical_or(i == last_step, e != tile_expert_ref[jnp.minimum(i + 1, last_step)])
 
     @pl.when(first)
     def _():
-        out_ref[...] = jnp.zeros_like(out_ref)
+        acc_ref[...] = jnp.zeros_like(acc_ref)
 
     @pl.when(tile_valid_ref[i] != 0)
     def _():
         # lhs_tile^T @ dout_tile: contracting the row axis of both in the kernel keeps the
         # lhs block (tm, tk) legal for any tm that is a multiple of 8 (a transposed (tk, tm)
         # block needs tm % 128 == 0) and saves an XLA transpose of the whole lhs.
-        out_ref[...] += jax.lax.dot_general(lhs_ref[...], dout_ref[...], (((0,), (0,)), ((), ())),
+        acc_ref[...] += jax.lax.dot_general(lhs_ref[...], dout_ref[...], (((0,), (0,)), ((), ())),
                                             preferred_element_type=jnp.float32)
 
+    @pl.when(last)
+    def _():
+        out_ref[...] = acc_ref[...].astype(out_ref.dtype)
 
-def tgmm(lhs_GK, dout_GN, tile_expert, tile_valid, num_experts: int, *, tm: int, interpret: bool):
-    """out[E, K, N] f32: per expert, the sum over its tiles of lhs_tile^T @ dout_tile.
+
+def tgmm(lhs_GK, dout_GN, tile_expert, tile_valid, num_experts: int, *, tm: int, interpret: bool,
+         out_dtype=jnp.float32):
+    """out[E, K, N]: per expert, the sum over its tiles of lhs_tile^T @ dout_tile, summed in
+    f32 and rounded once to out_dtype.
 
     Experts that own no tile are never visited; the caller zeroes them.
     """
@@ -129,16 +142,17 @@ def tgmm(lhs_GK, dout_GN, tile_expert, tile_valid, num_experts: int, *, tm: int,
             pl.BlockSpec((tm, tn), lambda a, b, i, te, tv: (i, b)),
         ],
         out_specs=pl.BlockSpec((None, tk, tn), lambda a, b, i, te, tv: (te[i], a, b)),
+        scratch_shapes=[pltpu.VMEM((tk, tn), jnp.float32)],
     )
     return pl.pallas_call(
         _tgmm_kernel,
         grid_spec=grid_spec,
-        out_shape=jax.ShapeDtypeStruct((num_experts, K, N), jnp.float32),
+        out_shape=jax.ShapeDtypeStruct((num_experts, K, N), out_dtype),
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "arbitrary")),
         # Every (K block, N block) pass streams all tiles of its lhs and dout blocks.
         cost_estimate=_cost(2 * G * K * N, (G * K * it, N // tn), (G * N * it, K // tk),
-                            (num_experts * K * N * 4, 1)),
+                            (num_experts * K * N * jnp.dtype(out_dtype).itemsize, 1)),
         interpret=interpret,
     )(tile_expert, tile_valid, lhs_GK, dout_GN)
 
@@ -208,12 +222,12 @@ def _tgmm_gpu_kernel(tm, tk, tn, first_tile_ref, num_tiles_ref, lhs_ref, dout_re
                                             preferred_element_type=jnp.float32)
 
     out_ref[...] = jax.lax.fori_loop(0, num_tiles_ref[e], tile,
-                                     jnp.zeros(out_ref.shape, jnp.float32))
+                                     jnp.zeros(out_ref.shape, jnp.float32)).astype(out_ref.dtype)
 
 
 def tgmm_gpu(lhs_GK, dout_GN, tile_expert, tile_valid, num_experts: int, *, tm: int,
-             interpret: bool):
-    """As `tgmm` (f32 [E, K, N]), Triton style; experts without tiles come out zero."""
+             interpret: bool, out_dtype=jnp.float32):
+    """As `tgmm` ([E, K, N] out_dtype), Triton style; experts without tiles come out zero."""
     G, K = lhs_GK.shape
     N = dout_GN.shape[1]
     tk, tn = min(K, 128), min(N, 128)
@@ -229,10 +243,10 @@ def tgmm_gpu(lhs_GK, dout_GN, tile_expert, tile_valid, num_experts: int, *, tm: 
         grid=(num_experts, K // tk, N // tn),
         in_specs=[_whole(ft.shape), _whole(nt.shape), _whole((G, K)), _whole((G, N))],
         out_specs=pl.BlockSpec((None, tk, tn), lambda e, a, b: (e, a, b)),
-        out_shape=jax.ShapeDtypeStruct((num_experts, K, N), jnp.float32),
+        out_shape=jax.ShapeDtypeStruct((num_experts, K, N), out_dtype),
         compiler_params=_gpu_params(interpret),
         # An (expert, K block, N block) program reads its expert's rows of both inputs.
         cost_estimate=_cost(2 * G * K * N, (G * K * it, N // tn), (G * N * it, K // tk),
-                            (num_experts * K * N * 4, 1)),
+                            (num_experts * K * N * jnp.dtype(out_dtype).itemsize, 1)),
         interpret=interpret,
     )(ft, nt, lhs_GK, dout_GN)

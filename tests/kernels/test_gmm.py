@@ -159,7 +159,7 @@ def test_tile_owners():
 
 def test_auto_backend_per_platform():
     assert default_backend("cpu") == "xla"
-    assert default_backend("tpu") == "megablox"
+    assert default_backend("tpu") == "pallas"  # docs/tpu_kernels.md
     assert default_backend("gpu") == "ragged_dot"
 
 
