@@ -124,8 +124,12 @@ def _tiled_gmm_fwd(lhs_GK, rhs_EKN, padded_sizes_E, tm, impl, interpret):
 def _tiled_gmm_bwd(tm, impl, interpret, res, dout_GN):
     lhs_GK, rhs_EKN, padded_sizes_E, te, tv = res
     fwd, tfwd = _tiled_ops(impl, interpret)
-    dlhs_GK = fwd(dout_GN.astype(lhs_GK.dtype), jnp.swapaxes(rhs_EKN, 1, 2), te, tv, tm=tm)
-    drhs_EKN = tfwd(lhs_GK, dout_GN.astype(lhs_GK.dtype), te, tv, rhs_EKN.shape[0], tm=tm,
+    dout_GN = dout_GN.astype(lhs_GK.dtype)
+    if impl == "pallas":  # Mosaic reads w^T blocks in place: no transposed copy of the weights
+        dlhs_GK = fwd(dout_GN, rhs_EKN, te, tv, tm=tm, transpose_rhs=True)
+    else:
+        dlhs_GK = fwd(dout_GN, jnp.swapaxes(rhs_EKN, 1, 2), te, tv, tm=tm)
+    drhs_EKN = tfwd(lhs_GK, dout_GN, te, tv, rhs_EKN.shape[0], tm=tm,
                     out_dtype=rhs_EKN.dtype)
     # Experts without a tile are never visited by the Pallas tgmm; their gradient is zero.
     drhs_EKN = jnp.where((padded_sizes_E > 0)[:, None, None], drhs_EKN, 0.0)

@@ -50,13 +50,16 @@ def _cost(flops: int, *arrays_times_read) -> pl.CostEstimate:
                            bytes_accessed=int(sum(n * r for n, r in arrays_times_read)))
 
 
-def _gmm_kernel(tile_expert_ref, tile_valid_ref, lhs_ref, rhs_ref, out_ref):
+def _gmm_kernel(transpose_rhs, tile_expert_ref, tile_valid_ref, lhs_ref, rhs_ref, out_ref):
     del tile_expert_ref  # consumed by the index maps
     i = pl.program_id(1)
 
     @pl.when(tile_valid_ref[i] != 0)
     def _():
-        acc = jnp.dot(lhs_ref[...], rhs_ref[...], preferred_element_type=jnp.float32)
+        # rhs block [K, tn], or [tn, K] read as its transpose (the MXU takes either).
+        contract = (((1,), (1 if transpose_rhs else 0,)), ((), ()))
+        acc = jax.lax.dot_general(lhs_ref[...], rhs_ref[...], contract,
+                                  preferred_element_type=jnp.float32)
         out_ref[...] = acc.astype(out_ref.dtype)
 
     @pl.when(tile_valid_ref[i] == 0)
@@ -64,28 +67,32 @@ def _gmm_kernel(tile_expert_ref, tile_valid_ref, lhs_ref, rhs_ref, out_ref):
         out_ref[...] = jnp.zeros_like(out_ref)
 
 
-def gmm(lhs_GK, rhs_EKN, tile_expert, tile_valid, *, tm: int, interpret: bool):
+def gmm(lhs_GK, rhs, tile_expert, tile_valid, *, tm: int, interpret: bool,
+        transpose_rhs: bool = False):
     """out[G, N]: each tile's rows times its expert's [K, N] (full K per block).
 
+    rhs: [E, K, N], or [E, N, K] with transpose_rhs (the backward's dlhs = dout @ w^T reads
+    the forward's weights in place instead of a transposed copy of all of them).
     The grid runs the N blocks outside and the tiles inside: consecutive tiles of one expert
     keep the same weight block, which the pipeline then does not fetch again, so the weights
     stream about once and the lhs N / tn times (tn up to 512).
     """
     G, K = lhs_GK.shape
-    E, _, N = rhs_EKN.shape
+    E, N = rhs.shape[0], rhs.shape[1 if transpose_rhs else 2]
     tn = _lane_block(N)
+    if transpose_rhs:
+        rhs_spec = pl.BlockSpec((None, tn, K), lambda j, i, te, tv: (te[i], j, 0))
+    else:
+        rhs_spec = pl.BlockSpec((None, K, tn), lambda j, i, te, tv: (te[i], 0, j))
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=2,
         grid=(N // tn, G // tm),
-        in_specs=[
-            pl.BlockSpec((tm, K), lambda j, i, te, tv: (i, 0)),
-            pl.BlockSpec((None, K, tn), lambda j, i, te, tv: (te[i], 0, j)),
-        ],
+        in_specs=[pl.BlockSpec((tm, K), lambda j, i, te, tv: (i, 0)), rhs_spec],
         out_specs=pl.BlockSpec((tm, tn), lambda j, i, te, tv: (i, j)),
     )
     it = lhs_GK.dtype.itemsize
     return pl.pallas_call(
-        _gmm_kernel,
+        functools.partial(_gmm_kernel, transpose_rhs),
         grid_spec=grid_spec,
         out_shape=jax.ShapeDtypeStruct((G, N), lhs_GK.dtype),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
@@ -94,7 +101,7 @@ def gmm(lhs_GK, rhs_EKN, tile_expert, tile_valid, *, tm: int, interpret: bool):
         cost_estimate=_cost(2 * G * K * N, (G * K * it, N // tn), (E * K * N * it, 1),
                             (G * N * it, 1)),
         interpret=interpret,
-    )(tile_expert, tile_valid, lhs_GK, rhs_EKN)
+    )(tile_expert, tile_valid, lhs_GK, rhs)
 
 
 def _tgmm_kernel(tile_expert_ref, tile_valid_ref, lhs_ref, dout_ref, out_ref, acc_ref):

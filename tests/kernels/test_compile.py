@@ -30,6 +30,10 @@ def tpu_kernels(T, k, E, D, F, tm):
     return {
         "gmm_gate_up": (gmm, (S((G, D), BF16), S((E, D, 2 * F), BF16), *tiles)),
         "gmm_down": (gmm, (S((G, F), BF16), S((E, F, D), BF16), *tiles)),
+        # The backward's dout @ w_down^T, reading w_down [E, F, D] in place.
+        "gmm_down_transposed": (lambda l, r, te, tv: gmm_pallas.gmm(
+            l, r, te, tv, tm=tm, interpret=False, transpose_rhs=True),
+            (S((G, D), BF16), S((E, F, D), BF16), *tiles)),
         "tgmm_gate_up": (lambda l, d, te, tv: gmm_pallas.tgmm(l, d, te, tv, E, tm=tm,
                                                               interpret=False),
                          (S((G, D), BF16), S((G, 2 * F), BF16), *tiles)),
