@@ -24,8 +24,10 @@ from jax.experimental.pallas import tpu as pltpu
 
 
 def _block(n: int, want: int) -> int:
-    # A multiple of 16 rows (bf16 packs two rows per 32-bit sublane), at most `want`,
-    # no larger than n rounded up to 16.
+    """Rows per step: a multiple of 16 (bf16 packs two rows per 32-bit sublane), at most
+    `want`; one dividing n if n is a multiple of 16 (no padded copy of the output to cut)."""
+    if n % 16 == 0:
+        return max(b for b in range(16, min(n, max(want, 16)) + 1, 16) if n % b == 0)
     return max(16, min(want, -(-n // 16) * 16) // 16 * 16)
 
 
