@@ -7,6 +7,9 @@ gmm       grouped matmul over tile-padded groups; backends xla | pallas | megabl
           the routed SwiGLU experts on top of it (one fused tile loop on xla)
 head_ce   the output layer + cross-entropy in sequence chunks, gradients made on the way
           forward (no [B, T, V] logits kept)
+attention splash (TPU) and cuDNN (GPU) causal attention; the XLA reference is
+          model.layers (attention.py)
+tpu_aot   compile for a TPU chip from any host with libtpu (compile tests, estimates)
 All are pure functions on plain arrays (no config, no globals), so a shard_map over experts
 can wrap them.
 """
