@@ -31,8 +31,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import harness  # noqa: E402
 
-# Published per-chip peaks (Google Cloud TPU docs): bf16 FLOP/s, HBM bytes/s.
-PEAKS = {"v5p": (459e12, 2.765e12), "v6e": (918e12, 1.64e12)}
+from olmoe_jax.parallel.chips import CHIPS  # noqa: E402  published bf16 FLOP/s, HBM bytes/s
+
+PEAKS = {c: (CHIPS[c].peak_bf16_flops, CHIPS[c].hbm_bytes_per_s) for c in ("v5p", "v6e")}
 # OLMoE-1B-7B, one MoE layer on one device: 8,192 tokens (e.g. 2 x 4096), bf16.
 T, E, K, D, F = 8192, 64, 8, 2048, 1024
 TM = 128  # moe_impls.tile_rows at this size (average group 1,024 rows)
