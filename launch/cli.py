@@ -17,11 +17,13 @@ import sys
 # subcommand -> (module, one-line help)
 COMMANDS = {
     "train": ("launch.train", "train an experiment (resumes from the workdir's last checkpoint)"),
-    "eval": ("launch.evaluate", "validation loss per domain of a checkpoint"),
+    "eval": ("launch.evaluate", "validation loss per domain, downstream tasks (--tasks) or lm-eval tasks (--harness)"),
     "generate": ("launch.generate", "generate text from a checkpoint (KV cache, greedy or sampling)"),
     "export-hf": ("launch.export_hf", "write a checkpoint as a Hugging Face folder (OLMoE, or Llama / OLMo for dense)"),
     "import-hf": ("launch.import_hf", "import a Hugging Face OLMoE (or Llama / OLMo dense) folder into a workdir"),
     "upcycle": ("launch.upcycle", "turn a dense checkpoint into an MoE (sparse upcycling)"),
+    "analyze": ("launch.analyze", "routing analyses (saturation, co-activation, domain and vocabulary specialisation)"),
+    "plot": ("launch.plot", "plot loss curves of one or several runs from metrics.jsonl"),
     "experiments": ("launch.experiments_cmd", "list the experiment registry, print configs and parameter counts"),
     "launch": ("launch.launch", "run an olmoe command on N local processes, a TPU pod slice or a SLURM job"),
     "compile": ("launch.compile", "compile the train step for a TPU slice from this host: memory, collectives, est. MFU"),

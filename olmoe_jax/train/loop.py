@@ -18,6 +18,7 @@ from jax.experimental import multihost_utils
 import numpy as np
 
 from olmoe_jax.config import ConfigError, validate
+from olmoe_jax.eval.perplexity import evaluate, format_val_table  # noqa: F401  (loop.evaluate kept)
 from olmoe_jax.model import transformer
 from olmoe_jax.parallel.mesh import make_mesh
 from olmoe_jax.train import checkpoint as ckpt_lib
@@ -103,17 +104,6 @@ def train(cfg, workdir) -> dict[str, Any]:
                 eval_batches=data_lib.make_eval_batches(cfg, tok, **where),
                 unigram_entropy=data_lib.unigram_entropy(cfg, tok))
     return train_on(cfg, workdir, data)
-
-
-def evaluate(eval_step, params, eval_batches, mesh) -> dict[str, float]:
-    """{domain: mean token cross-entropy (nats)} over each domain's batches."""
-    out = {}
-    for domain, batches in eval_batches.items():
-        sums = [eval_step(params, step_lib.global_batch(b, mesh)) for b in batches]
-        total = jax.device_get(sums)
-        tokens = sum(float(s["tokens"]) for s in total)
-        out[domain] = sum(float(s["ce_sum"]) for s in total) / max(tokens, 1.0)
-    return out
 
 
 def train_on(cfg, workdir, data: Data) -> dict[str, Any]:
@@ -219,12 +209,3 @@ def _loop(cfg, workdir, data: Data, mesh, shardings, state, ckpt, writer, t_star
     writer.record({"kind": "summary", **summary})
     return summary
 
-
-def format_val_table(val: dict[str, float], entropy: dict[str, float]) -> str:
-    """Validation loss per domain beside the domain's unigram entropy (nats/token): a
-    model that learnt nothing beyond token frequencies scores the entropy."""
-    rows = [f"{'domain':<14}{'val loss':>10}{'unigram H':>11}"]
-    for d, v in val.items():
-        h = entropy.get(d)
-        rows.append(f"{d:<14}{v:>10.4f}{h:>11.4f}" if h is not None else f"{d:<14}{v:>10.4f}{'-':>11}")
-    return "validation loss (nats/token)\n" + "\n".join(rows)
