@@ -114,6 +114,22 @@ def _order_total(rng: random.Random) -> Item:
     return Item(f"{header}\n{row}", tuple(fmt(v) for v in values), values.index(cents))
 
 
+_CARD_FIELDS = ("email", "phone", "born", "city", "employee_id")
+
+
+def _record_field(rng: random.Random) -> Item:
+    """A key-value card cut after one field name; the choices are the values of four of the
+    card's fields, so knowing what each field holds (a date, a city, an id) finds the answer."""
+    card = generated._key_value(rng).split("\n---\n")[0].split("\n")  # pylint: disable=protected-access
+    fields = dict(line.split(": ", 1) for line in card)
+    asked = rng.choice(_CARD_FIELDS)
+    others = rng.sample([f for f in _CARD_FIELDS if f != asked], 3)
+    order = sorted([asked, *others], key=lambda _: rng.random())
+    keys = list(fields)
+    context = "\n".join(f"{k}: {fields[k]}" for k in keys[:keys.index(asked)]) + f"\n{asked}:"
+    return Item(context, tuple(fields[f] for f in order), order.index(asked))
+
+
 def _add_small_completion(rng: random.Random) -> Item:
     a, b = rng.randint(0, 49), rng.randint(0, 49)
     return Item(f"{a} + {b} =", (str(a + b),), 0)
@@ -124,6 +140,7 @@ BUILTIN: dict[str, tuple[str, str, Callable[[random.Random], Item], str]] = {
     "arith_add_small": ("choice", "arithmetic", _add_small, "a + b = ? for a, b < 50; four nearby numbers"),
     "arith_mixed": ("choice", "arithmetic", _arith_mixed, "+ - * / lines of the corpus's form; four nearby numbers"),
     "records_email": ("choice", "records", _email, "a key-value card's email from its name; four people's emails"),
+    "records_field": ("choice", "records", _record_field, "a key-value card's next field value; values of four fields"),
     "records_total": ("choice", "records", _order_total, "a CSV order's total = quantity x unit price; four totals"),
     "arith_add_small_completion": ("completion", "arithmetic", _add_small_completion,
                                    "a + b = ? for a, b < 50, greedy exact match"),

@@ -1,6 +1,8 @@
 """Fixtures for the evaluation tests: a tiny random MoE and a character-level tokenizer."""
 from __future__ import annotations
 
+import types
+
 import pytest
 
 from olmoe_jax.config import default_config, validate
@@ -40,3 +42,9 @@ def char_model(random_params):
     """(cfg, params, tokenizer): random weights large enough to give peaked distributions."""
     cfg = tiny_moe_config()
     return cfg, random_params(cfg, seed=3, std=0.3), CharTokenizer()
+
+
+@pytest.fixture(scope="session")
+def char_tools():
+    """CharTokenizer and tiny_moe_config(**model overrides) for tests that build their own model."""
+    return types.SimpleNamespace(CharTokenizer=CharTokenizer, tiny_moe_config=tiny_moe_config)
