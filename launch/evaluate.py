@@ -7,7 +7,7 @@ Three measurements (olmoe_jax/eval/):
   cloze and MC forms (downstream.py; tasks and the task file format: tasks.py);
 - `--harness TASK | file.jsonl [...] [--include-path DIR]`: lm-evaluation-harness tasks through
   the adapter (harness.py; needs lm-eval), offline.
-Downstream results go to W/eval/<tasks|harness>_step<N>.json (accuracy with standard errors).
+Downstream results are added to W/eval/<tasks|harness>_step<N>.json (accuracy with standard errors).
 --step N (repeatable) or --all-steps choose checkpoints (default: the newest).
 """
 from __future__ import annotations
@@ -54,11 +54,17 @@ def _steps(args) -> list[int]:
     return sorted(set(args.step)) or have[-1:]
 
 
-def _write(args, name: str, step: int, payload: dict) -> str:
+def _write(args, name: str, step: int, results: dict) -> str:
+    """Adds results {task: ...} to W/eval/<name>_step<N>.json (tasks scored before are kept)."""
     path = os.path.join(args.workdir, "eval", f"{name}_step{step}.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump({"workdir": args.workdir, "step": step, **payload}, f, indent=1)
+    old = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f).get(name, {})
+    with open(path + ".tmp", "w") as f:
+        json.dump({"workdir": args.workdir, "step": step, name: {**old, **results}}, f, indent=1)
+    os.replace(path + ".tmp", path)
     return path
 
 
@@ -91,7 +97,7 @@ def _downstream(args, cfg, steps) -> int:
     for step in steps:
         scorer = Scorer(checkpoint.load_params(args.workdir, step), cfg, tokens_per_batch=args.tokens_per_batch)
         res = downstream.evaluate_tasks(scorer, tok, task_list, forms)
-        path = _write(args, "tasks", step, {"tasks": res})
+        path = _write(args, "tasks", step, res)
         if args.json:
             print(json.dumps({"workdir": args.workdir, "step": step, "tasks": res}))
         else:
@@ -125,7 +131,7 @@ def _harness(args, cfg, steps) -> int:
                                  tokens_per_batch=args.tokens_per_batch)
             res = harness.run_harness(lm, names, include, limit=args.limit,
                                       include_defaults=args.harness_defaults)
-            path = _write(args, "harness", step, {"harness": res})
+            path = _write(args, "harness", step, res)
             print(json.dumps({"workdir": args.workdir, "step": step, "harness": res}) if args.json
                   else f"{args.workdir} step {step} ({path})\n" + json.dumps(res, indent=1))
     return 0
