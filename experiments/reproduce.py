@@ -159,17 +159,22 @@ def collect(findings, runs: str, summaries: dict, seeds_cap: int | None, out: st
     return result
 
 
+def collect_downstream(workdir: str, out: str) -> None:
+    """<out>/downstream.json: the task results of every step `olmoe eval --tasks` scored."""
+    by_step = {}
+    for p in sorted(Path(workdir, "eval").glob("tasks_step*.json")):
+        d = json.loads(p.read_text())
+        by_step[str(d["step"])] = d["tasks"]
+    Path(out, "downstream.json").write_text(json.dumps({"workdir": workdir, "steps": by_step}, indent=1) + "\n")
+
+
 def evaluate_baseline(runs: str, out: str, items: int) -> None:
     """Built-in task accuracy at each checkpoint of the baseline run, and the routing analyses."""
     from launch.cli import main  # pylint: disable=import-outside-toplevel
     wd = os.path.join(runs, run_name(BASE, 0))
     if main(["eval", "--workdir", wd, "--all-steps", "--tasks", "builtin", "--items", str(items)]) != 0:
         raise SystemExit("evaluating the baseline failed; see above")
-    by_step = {}
-    for p in sorted(Path(wd, "eval").glob("tasks_step*.json")):
-        d = json.loads(p.read_text())
-        by_step[str(d["step"])] = d["tasks"]
-    Path(out, "downstream.json").write_text(json.dumps({"workdir": wd, "steps": by_step}, indent=1) + "\n")
+    collect_downstream(wd, out)
     if main(["analyze", "all", "--workdir", wd, "--out", out]) != 0:
         raise SystemExit("the routing analyses failed; see above")
 

@@ -54,7 +54,7 @@ def coactivation(result: dict, path: str) -> None:
         im = ax.imshow(np.array(result["layers"][layer]["ratio"]), cmap="viridis", vmin=0, vmax=1)
         ax.set_title(f"layer {layer}")
         ax.set_xlabel("expert j")
-        ax.set_ylabel("expert i")
+    axes[0, 0].set_ylabel("expert i")
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="N(Ei, Ej) / N(Ei)")
     fig.savefig(path, dpi=110)
     plt.close(fig)

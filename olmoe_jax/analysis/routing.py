@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import json
-from pathlib import Path
 from typing import NamedTuple, Sequence
 
 import jax
@@ -19,6 +18,7 @@ import ml_collections
 import numpy as np
 
 from olmoe_jax.data.errors import DataError
+from olmoe_jax.eval.tasks import read_jsonl
 from olmoe_jax.model import transformer
 
 
@@ -31,19 +31,9 @@ class Routed(NamedTuple):
 def read_labelled_jsonl(path: str, text_key: str = "text", label_key: str = "domain") -> list[tuple[str, str | list[int]]]:
     """[(label, text or token ids)] from a JSONL file of {"text": ..., "domain": ...} lines; a
     line may give "tokens": [ids] instead of text (pre-tokenized data)."""
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"--data {path} does not exist; give a JSONL file of {{\"{text_key}\": ..., "
-                        f"\"{label_key}\": ...}} lines")
     out: list[tuple[str, str | list[int]]] = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            d = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{n}: not JSON ({e.msg})") from None
-        body = d.get(text_key, d.get("tokens")) if isinstance(d, dict) else None
+    for n, d in read_jsonl(path, f"--data: a JSONL file of {{\"{text_key}\": ..., \"{label_key}\": ...}} lines"):
+        body = d.get(text_key, d.get("tokens"))
         ok_body = isinstance(body, str) or (isinstance(body, list) and all(isinstance(t, int) for t in body))
         if not ok_body or not isinstance(d.get(label_key), str):
             raise DataError(f"{path}:{n}: each line needs a string \"{label_key}\" and a string \"{text_key}\" "

@@ -23,7 +23,7 @@ import dataclasses
 import json
 import random
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from olmoe_jax.data import generated
 from olmoe_jax.data.corpus import VERSION
@@ -159,12 +159,12 @@ def builtin_task(name: str, n_items: int = 200) -> Task:
 # ----------------------------------------------------------------------------- JSONL files
 
 
-def load_jsonl_task(path: str) -> Task:
-    """A task file (format in the module docstring); DataError naming the line on bad input."""
+def read_jsonl(path: str, what: str) -> Iterator[tuple[int, dict]]:
+    """(line number, object) per non-blank line of a JSONL file; DataError naming the file (and
+    `what` it should be) or the line on bad input."""
     p = Path(path)
     if not p.is_file():
-        raise DataError(f"task file {path} does not exist; give a .jsonl file (format: olmoe_jax/eval/tasks.py)")
-    items, kinds = [], set()
+        raise DataError(f"{path} does not exist; give {what}")
     for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
@@ -172,7 +172,16 @@ def load_jsonl_task(path: str) -> Task:
             d = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{n}: not JSON ({e.msg})") from None
-        if not isinstance(d, dict) or not isinstance(d.get("query"), str):
+        if not isinstance(d, dict):
+            raise DataError(f"{path}:{n}: a JSON {type(d).__name__}, expected an object")
+        yield n, d
+
+
+def load_jsonl_task(path: str) -> Task:
+    """A task file (format in the module docstring); DataError naming the line on bad input."""
+    items, kinds = [], set()
+    for n, d in read_jsonl(path, "a .jsonl task file (format: olmoe_jax/eval/tasks.py)"):
+        if not isinstance(d.get("query"), str):
             raise DataError(f"{path}:{n}: each line needs a string \"query\"")
         if "choices" in d:
             ch, gold = d["choices"], d.get("gold")
