@@ -171,8 +171,12 @@ def collect_downstream(workdir: str, out: str) -> None:
 def evaluate_baseline(runs: str, out: str, items: int) -> None:
     """Built-in task accuracy at each checkpoint of the baseline run, and the routing analyses."""
     from launch.cli import main  # pylint: disable=import-outside-toplevel
+    from olmoe_jax.train.checkpoint import checkpoint_steps  # pylint: disable=import-outside-toplevel
     wd = os.path.join(runs, run_name(BASE, 0))
-    if main(["eval", "--workdir", wd, "--all-steps", "--tasks", "builtin", "--items", str(items)]) != 0:
+    have = checkpoint_steps(wd)
+    picks = sorted({have[0], have[len(have) // 4], have[len(have) // 2], have[-1]})  # early to final
+    steps = [a for s in picks for a in ("--step", str(s))]
+    if main(["eval", "--workdir", wd, *steps, "--tasks", "builtin", "--items", str(items)]) != 0:
         raise SystemExit("evaluating the baseline failed; see above")
     collect_downstream(wd, out)
     if main(["analyze", "all", "--workdir", wd, "--out", out]) != 0:

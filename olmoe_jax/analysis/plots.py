@@ -95,9 +95,9 @@ def vocab_specialisation(result: dict, path: str) -> None:
     ax.axhline(result["uniform"], color="k", ls="--", lw=1, label="uniform k/E")
     ax.set_xlabel("layer")
     ax.set_ylabel("share routed to the token's top expert")
-    ax.set_ylim(0, 1)
+    ax.set_ylim(0, 1.15)
     ax.set_xticks(np.arange(L))
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper center", ncol=3)
     _save(fig, path)
 
 

@@ -46,7 +46,7 @@ def checkpoint_loss(cfg, workdir, steps: Sequence[int]) -> tuple[dict[int, dict[
     """
     # pylint: disable=import-outside-toplevel
     from olmoe_jax import data as data_lib
-    from olmoe_jax.parallel import rules
+    from olmoe_jax.model import transformer
     from olmoe_jax.parallel.mesh import make_mesh
     from olmoe_jax.train import checkpoint
 
@@ -56,7 +56,7 @@ def checkpoint_loss(cfg, workdir, steps: Sequence[int]) -> tuple[dict[int, dict[
                                          process_count=jax.process_count())
     entropy = data_lib.unigram_entropy(cfg, tok)
     mesh = make_mesh(cfg)
-    shardings = rules.param_shardings(cfg, mesh)
+    shardings = transformer.param_shardings(cfg, mesh)
     eval_step = step_lib.make_eval_step(cfg, mesh, shardings)
     out = {}
     for s in steps:

@@ -201,7 +201,7 @@ def load_jsonl_task(path: str) -> Task:
         raise DataError(f"task file {path} holds no items")
     if len(kinds) > 1:
         raise DataError(f"task file {path} mixes multiple-choice and completion items; use one file each")
-    return Task(p.stem, kinds.pop(), tuple(items))
+    return Task(Path(path).stem, kinds.pop(), tuple(items))
 
 
 def write_jsonl_task(task: Task, path: str) -> None:

@@ -88,3 +88,20 @@ def test_harness_adapter_accuracy_equals_our_evaluator(char_model, tmp_path):
     assert (t["acc"], t["acc_norm"]) == (c["acc"], c["acc_norm"])
     assert t["acc"] == ours["local_choice"]["cloze"]["acc"]
     assert theirs["local_completion"]["acc"] == ours["local_completion"]["completion"]["acc"]
+
+
+def test_harness_generate_until_is_greedy_generation_cut_at_the_stop_string(char_model):
+    harness = pytest.importorskip("olmoe_jax.eval.harness", reason="lm-eval is the [eval] extra")
+    from types import SimpleNamespace  # pylint: disable=import-outside-toplevel
+
+    from olmoe_jax.eval.generate import generate  # pylint: disable=import-outside-toplevel
+    cfg, params, tok = char_model
+    lm = harness.OlmoeLM(params, cfg, tok)
+    prompts = ["The cat", "x = 1"]
+    full = [tok.decode(ids) for ids in generate(params, cfg, [tok.encode(p) for p in prompts], max_new_tokens=12,
+                                                 eos_id=tok.eos_id).tokens]
+    stop = full[0][3:5]  # a string the first continuation contains
+    reqs = [SimpleNamespace(args=(p, {"until": [stop], "max_gen_toks": 12})) for p in prompts]
+    out = lm.generate_until(reqs)
+    assert out == [f[:f.find(stop)] if stop in f else f for f in full]
+    assert len(out[0]) < len(full[0])
