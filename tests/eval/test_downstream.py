@@ -50,6 +50,18 @@ def test_builtin_tasks_are_fixed_and_well_formed(name):
     assert a.chance in (None, 0.25)
 
 
+def test_builtin_tasks_are_the_same_in_every_process():
+    """Items must not depend on Python's per-process string hashing (set order)."""
+    import subprocess  # pylint: disable=import-outside-toplevel
+    import sys  # pylint: disable=import-outside-toplevel
+    code = ("from olmoe_jax.eval import tasks; "
+            "print(repr([tasks.builtin_task(n, 30).items for n in tasks.BUILTIN]))")
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**__import__("os").environ, "PYTHONHASHSEED": seed}).stdout
+            for seed in ("1", "2")}
+    assert len(outs) == 1
+
+
 def test_task_file_errors_name_the_line(tmp_path):
     p = tmp_path / "bad.jsonl"
     p.write_text(json.dumps({"query": "x", "choices": ["a", "b"], "gold": 0}) + "\n"
