@@ -159,16 +159,17 @@ def collect(findings, runs: str, summaries: dict, seeds_cap: int | None, out: st
     return result
 
 
-def collect_downstream(workdir: str, out: str) -> None:
-    """<out>/downstream.json: the task results of every step `olmoe eval --tasks` scored."""
+def collect_downstream(workdir: str, out: str, how: str) -> None:
+    """<out>/downstream.json: the task results of every step `olmoe eval --tasks` scored in
+    `workdir`, and `how` the run was made (shown in the report)."""
     by_step = {}
     for p in sorted(Path(workdir, "eval").glob("tasks_step*.json")):
         d = json.loads(p.read_text())
         by_step[str(d["step"])] = d["tasks"]
-    Path(out, "downstream.json").write_text(json.dumps({"workdir": workdir, "steps": by_step}, indent=1) + "\n")
+    Path(out, "downstream.json").write_text(json.dumps({"run": how, "steps": by_step}, indent=1) + "\n")
 
 
-def evaluate_baseline(runs: str, out: str, items: int) -> None:
+def evaluate_baseline(runs: str, out: str, items: int, steps_per_run: int) -> None:
     """Built-in task accuracy at each checkpoint of the baseline run, and the routing analyses."""
     from launch.cli import main  # pylint: disable=import-outside-toplevel
     from olmoe_jax.train.checkpoint import checkpoint_steps  # pylint: disable=import-outside-toplevel
@@ -178,7 +179,7 @@ def evaluate_baseline(runs: str, out: str, items: int) -> None:
     steps = [a for s in picks for a in ("--step", str(s))]
     if main(["eval", "--workdir", wd, *steps, "--tasks", "builtin", "--items", str(items)]) != 0:
         raise SystemExit("evaluating the baseline failed; see above")
-    collect_downstream(wd, out)
+    collect_downstream(wd, out, f"the tiny_moe run of this reproduction (seed 0, {steps_per_run} steps)")
     if main(["analyze", "all", "--workdir", wd, "--out", out]) != 0:
         raise SystemExit("the routing analyses failed; see above")
 
@@ -209,7 +210,7 @@ def main(argv=None) -> int:
         summaries = train_runs(findings, args.runs, args.steps, args.seeds, args.sets)
         result = collect(findings, args.runs, summaries, args.seeds, args.out)
         if not args.skip_eval:
-            evaluate_baseline(args.runs, args.out, args.items)
+            evaluate_baseline(args.runs, args.out, args.items, args.steps)
         meta = {"steps": args.steps, "sets": args.sets, "wall_s": time.time() - t0,
                 "command": " ".join(["python -m experiments.reproduce", *sys.argv[1:]]) if argv is None else None}
         Path(args.out, "findings.json").write_text(json.dumps({"meta": meta, "findings": result}, indent=1) + "\n")

@@ -165,11 +165,14 @@ def render(out_dir: str, rel: str) -> str:
           ["Not run yet: the ablation runs of `python -m experiments.reproduce --run` (about an hour on "
            "2 cores) have not been made; the sections below are from one tiny_moe run.", ""]),
         "## Downstream accuracy of tiny_moe over training", "",
-        ("Built-in tasks (held-out items of the corpus's arithmetic and records formats; "
-         "`olmoe eval --tasks builtin --all-steps`), accuracy ± standard error; cloze form per-character "
-         "normalised, MC form the answer letter.\n\n" + _downstream(json.loads(down.read_text()))
+        ("Built-in tasks (held-out items in the formats of the corpus's arithmetic and records domains; "
+         "`olmoe eval --tasks builtin --step N ...`), accuracy ± standard error over 200 items; cloze form "
+         "per-character normalised, MC form the answer letter. Model: "
+         f"{json.loads(down.read_text()).get('run', '')}.\n\n" + _downstream(json.loads(down.read_text()))
          if down.exists() else "Not run (`--skip-eval`)."), "",
         "## Routing analyses of tiny_moe (paper section 5)", "",
+        "`olmoe analyze all --workdir W`: the built-in corpus's validation split, 16,384 tokens per "
+        "domain, final checkpoint (saturation: every checkpoint against it).", "",
         _analyses(out, rel), "",
     ]
     return "\n".join(page)
