@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from olmoe_jax.kernels import permute_pallas
+from olmoe_jax.kernels.gmm import resolve
 
 
 class Layout(NamedTuple):
@@ -142,4 +143,4 @@ def unpermute(buf_GD, w_Tk, layout: Layout, *, impl: str = "xla", interpret: boo
 
 
 def _interpret(interpret: bool | None) -> bool:
-    return jax.default_backend() == "cpu" if interpret is None else interpret
+    return resolve().interpret if interpret is None else interpret

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from olmoe_jax.kernels import router_pallas
+from olmoe_jax.kernels.gmm import resolve
 
 
 class RouterOut(NamedTuple):
@@ -93,5 +94,5 @@ def router(logits_TE, k: int, *, renormalize: bool = False, impl: str = "xla",
     GPU, interpreted when jax runs on CPU). Both use the analytic backward above.
     """
     if interpret is None:
-        interpret = jax.default_backend() == "cpu"
+        interpret = resolve().interpret
     return _router(logits_TE, k, renormalize, impl, interpret)

@@ -1,69 +1,87 @@
-"""The `capacity` and `dropless` implementations of the routed experts.
+"""The implementations of the routed experts, listed in `IMPLS`, and the grouped computation
+they share with expert parallelism (moe_ep.py).
 
-Both compute the same function as `moe.dense_experts` for the same `Routing`:
+Every implementation computes the same function as `dense` for the same `Routing`:
 y[t] = sum over t's kept assignments (expert e, weight w) of w * SwiGLU_e(x[t]).
 
+dense     the reference: every expert on every token, combined with the dense [T, E] weights.
 capacity  GShard-style buckets: each expert gets C = routing.capacity(...) rows, filled with
           its kept assignments; one batched matmul [E, C, D] x [E, D, F]. Dropped assignments
           (token choice with a capacity factor) have no bucket row and weight 0; expert choice
           fills every bucket exactly, so it is also what `dropless` runs for expert choice.
 dropless  token choice: the T*k slots sorted by expert into tile-padded groups
-          (kernels.permute), three grouped matmuls (kernels.gmm; backend from
-          `model.moe_backend`; kernels.gmm_swiglu), and the weighted combine back
+          (kernels.permute), three grouped matmuls (kernels.gmm_swiglu; backend, tile size and
+          interpret mode from kernels.resolve), and the weighted combine back
           (kernels.unpermute). Nothing is dropped. On the xla backend the three products run
           in one fused loop over tiles; elsewhere gate and up share one grouped matmul over
           [E, D, 2F].
+Signature of each: fn(p, x_TD, routing, cfg, engine) -> y_TD, engine a kernels.Engine.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
 from olmoe_jax import kernels
-from olmoe_jax.model.moe import register_impl
-from olmoe_jax.model.routing import Routing, capacity
+from olmoe_jax.model import layers
+from olmoe_jax.model.routing import Routing, capacity, combine_matrix
 
 
-def tile_rows(num_slots: int, num_experts: int, backend: str = "pallas") -> int:
-    """Rows per grouped-matmul tile: 128 (the MXU/lane size) unless the average group is
-    smaller, then the next power of two >= 16 above it, so that small problems do not pay
-    E * (tm - 1) rows of padding. On the `xla` backend (CPU) always 16: its loop takes each
-    group in 128-row chunks and only the rest in tm-row tiles, so tm sets the padding, not the
-    matmul size; measured fwd+bwd, T=2048, 64 experts top-8 (one interleaved run), tm 16 beat
-    32 by 4% and 64 by 8%."""
-    if backend == "xla":
-        return 16
-    avg = -(-num_slots // num_experts)
-    return int(min(128, max(16, 1 << (avg - 1).bit_length())))
+def engine(cfg, num_slots: int, num_experts: int, mesh=None) -> kernels.Engine:
+    """The MoE's kernels for `num_slots` routed rows over `num_experts` groups, from
+    `model.moe_backend` (kernels.resolve: the one place these choices are made), for the
+    platform of `mesh`'s devices (an ahead-of-time TPU compile on a CPU host) or jax's."""
+    target = mesh.devices.flat[0].platform if mesh is not None else None
+    return kernels.resolve(cfg.model.moe_backend, num_slots, num_experts, target=target)
 
 
-def _swiglu_grouped(buf_GD, p, sizes_E, tm, backend, dt):
-    return kernels.gmm_swiglu(buf_GD, p["w_gate"].astype(dt), p["w_up"].astype(dt),
-                              p["w_down"].astype(dt), sizes_E, tm=tm, backend=backend)
+def dense_experts(p, x_TD, r: Routing, cfg, eng=None):
+    """Reference: every expert on every token, combined with the dense [T, E] weights.
+
+    Costs E/k times the FLOPs of a sparse implementation; used to check the others.
+    """
+    del cfg, eng
+    dt = x_TD.dtype
+    T, E = x_TD.shape[0], p["w_gate"].shape[0]
+    g_TEF = jnp.einsum("td,edf->tef", x_TD, p["w_gate"].astype(dt))
+    u_TEF = jnp.einsum("td,edf->tef", x_TD, p["w_up"].astype(dt))
+    h_TEF = jax.nn.silu(g_TEF) * u_TEF
+    y_TED = jnp.einsum("tef,efd->ted", h_TEF, p["w_down"].astype(dt))
+    c_TE = combine_matrix(r, T, E)
+    return jnp.einsum("ted,te->td", y_TED.astype(jnp.float32), c_TE).astype(dt)
 
 
-def dropless_experts(p, x_TD, r: Routing, cfg):
+def grouped_swiglu(p, x_TD, idx_Tk, w_Tk, eng: kernels.Engine, *, unrouted: bool = False):
+    """y[t] = sum_j w[t, j] * SwiGLU_{idx[t, j]}(x[t]) through the sorted, tile-padded layout.
+
+    p: {w_gate, w_up [E, D, F], w_down [E, F, D]}; idx_Tk int32 [T, k]; w_Tk f32 [T, k].
+    unrouted: idx may hold E, "no expert": such slots form one more group after the real ones,
+    which the grouped matmul treats as slack (no FLOPs, zero output).
+    """
+    E = p["w_gate"].shape[0]
+    dt = x_TD.dtype
+    ws = [p[k].astype(dt) for k in ("w_gate", "w_up", "w_down")]
+    layout = kernels.make_layout(idx_Tk, E + int(unrouted), eng.tm)
+    buf_GD = kernels.permute(x_TD, layout, impl=eng.rows, interpret=eng.interpret)
+    out_GD = kernels.gmm_swiglu(buf_GD, *ws, layout.padded_sizes_E[:E], tm=eng.tm,
+                                backend=eng.backend, platform=eng.platform,
+                                interpret=eng.interpret)
+    return kernels.unpermute(out_GD, w_Tk, layout, impl=eng.rows, interpret=eng.interpret)
+
+
+def dropless_experts(p, x_TD, r: Routing, cfg, eng: kernels.Engine):
     m = cfg.model
     if m.router_type == "expert_choice":
-        return capacity_experts(p, x_TD, r, cfg)  # fixed, full buckets: nothing to sort
-    T, E, k = x_TD.shape[0], p["w_gate"].shape[0], m.top_k
+        return capacity_experts(p, x_TD, r, cfg, eng)  # fixed, full buckets: nothing to sort
+    T, k = x_TD.shape[0], m.top_k
     # Token-choice routings list slot n = t*k + j (routing.py), so [T, k] is a reshape.
-    idx_Tk, w_Tk = r.expert_N.reshape(T, k), r.weight_N.reshape(T, k)
-    backend = m.moe_backend
-    if backend == "auto":
-        backend = kernels.default_backend()
-    tm = tile_rows(T * k, E, backend)
-    layout = kernels.make_layout(idx_Tk, E, tm)
-    # The project's row kernels serve only the all-Pallas path (they are Mosaic-TPU kernels,
-    # interpreted on CPU); elsewhere XLA's gathers are at least as fast as one row per step.
-    use_rows = m.moe_backend == "pallas" and jax.default_backend() in ("tpu", "cpu")
-    row_impl = "pallas" if use_rows else "xla"
-    buf_GD = kernels.permute(x_TD, layout, impl=row_impl)
-    out_GD = _swiglu_grouped(buf_GD, p, layout.padded_sizes_E, tm, backend, x_TD.dtype)
-    return kernels.unpermute(out_GD, w_Tk, layout, impl=row_impl)
+    return grouped_swiglu(p, x_TD, r.expert_N.reshape(T, k), r.weight_N.reshape(T, k), eng)
 
 
-def capacity_experts(p, x_TD, r: Routing, cfg):
+def capacity_experts(p, x_TD, r: Routing, cfg, eng=None):
+    del eng
     m = cfg.model
     T, D = x_TD.shape
     E = p["w_gate"].shape[0]
@@ -92,5 +110,18 @@ def capacity_experts(p, x_TD, r: Routing, cfg):
     return y_TD.astype(dt)
 
 
-register_impl("capacity", capacity_experts)
-register_impl("dropless", dropless_experts)
+def shared_experts(p, y_TD, x_TD):
+    """y plus the always-on shared experts' SwiGLU of x, if p has them."""
+    if "shared_gate" not in p:
+        return y_TD
+    dt = x_TD.dtype
+    return y_TD + layers.swiglu(x_TD, p["shared_gate"].astype(dt), p["shared_up"].astype(dt),
+                                p["shared_down"].astype(dt))
+
+
+# name (model.moe_impl) -> fn(p, x_TD, routing, cfg, engine) -> y_TD.
+IMPLS: dict[str, Callable] = {
+    "dense": dense_experts,
+    "capacity": capacity_experts,
+    "dropless": dropless_experts,
+}

@@ -34,18 +34,21 @@ def capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: flo
     return max(1, min(num_tokens, math.ceil(capacity_factor * num_tokens * top_k / num_experts)))
 
 
-def route(logits_TE, cfg) -> Routing:
-    """Routes T tokens given router logits [T, E] (float32) by `cfg.model.router_type`."""
+def route(logits_TE, cfg, engine: kernels.Engine | None = None) -> Routing:
+    """Routes T tokens given router logits [T, E] (float32) by `cfg.model.router_type`.
+
+    engine: the MoE's resolved kernels (kernels.resolve); default: resolved from
+    `model.moe_backend` here."""
     m = cfg.model
     logits_TE = logits_TE.astype(jnp.float32)
     if m.router_type == "expert_choice":
         return _expert_choice(logits_TE, cfg)
     T, E = logits_TE.shape
     k = m.top_k
+    engine = engine or kernels.resolve(m.moe_backend)
     # The fused router kernel (softmax, top-k, renormalisation, statistics; analytic backward).
-    # Its Pallas form runs where the MoE runs Pallas; XLA's elsewhere.
-    impl = "pallas" if m.moe_backend == "pallas" else "xla"
-    out = kernels.router(logits_TE, k, renormalize=m.norm_topk_prob, impl=impl)
+    out = kernels.router(logits_TE, k, renormalize=m.norm_topk_prob, impl=engine.router,
+                         interpret=engine.interpret)
     z_loss = jnp.mean(jnp.square(out.lse_T))
     token_N = jnp.repeat(jnp.arange(T, dtype=jnp.int32), k)
     expert_N = out.idx_Tk.reshape(-1)
@@ -83,6 +86,19 @@ def _expert_choice(logits_TE, cfg) -> Routing:
     dropped = 1.0 - jnp.mean(routed_T.astype(jnp.float32))
     return Routing(token_N, expert_N, weight_N, kept_N, top_idx_Tk,
                    jnp.full((E,), float(C), jnp.float32), jnp.mean(probs_TE, axis=0), z_loss, dropped)
+
+
+def router_logits(router_DE, x_TD):
+    """[T, E] float32 logits. The router runs in float32: a softmax over 64 experts in bf16
+    changes the top-k choice."""
+    return jnp.einsum("td,de->te", x_TD.astype(jnp.float32), router_DE.astype(jnp.float32))
+
+
+def block_stats(r: Routing, B: int, T: int) -> dict:
+    """The MoE block's statistics from a routing of B*T tokens (see moe.moe_block)."""
+    return {"tokens_per_expert": r.tokens_per_expert_E, "prob_mean": r.prob_mean_E,
+            "z_loss": r.z_loss, "dropped_frac": r.dropped_frac,
+            "topk_idx": r.topk_idx_Tk.reshape(B, T, -1)}
 
 
 def combine_matrix(r: Routing, num_tokens: int, num_experts: int):

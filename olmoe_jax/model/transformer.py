@@ -172,6 +172,9 @@ def apply(params, tokens_BT, cfg, *, positions_BT=None, cache=None, return_routi
         start = 0 if cache is None else cache["index"]
         positions_BT = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
     act = lambda a, names: rules.constrain(a, names, mesh)  # noqa: E731
+    # One layer's MoE weight axes (no `layers` dim): the expert-parallel block's in_specs.
+    moe_axes = ({k: v[1:] for k, v in logical_axes(cfg)["layers"]["moe"].items()}
+                if mesh is not None and m.ffn_type == "moe" else None)
     BTD = ("batch", "length", "embed")
     x_BTD = act(jnp.take(params["embed"], tokens_BT, axis=0).astype(dt), BTD)
 
@@ -183,7 +186,7 @@ def apply(params, tokens_BT, cfg, *, positions_BT=None, cache=None, return_routi
         x_BTD = act(x_BTD + a_BTD, BTD)
         h_BTD = act(layers.norm(x_BTD, p.get("mlp_norm"), cfg), BTD)
         if m.ffn_type == "moe":
-            y_BTD, stats = moe_block(p["moe"], h_BTD, cfg, mesh=mesh)
+            y_BTD, stats = moe_block(p["moe"], h_BTD, cfg, mesh=mesh, weight_axes=moe_axes)
             if not return_routing:
                 stats = {k: v for k, v in stats.items() if k != "topk_idx"}
         else:

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from olmoe_jax.config import validate
-from olmoe_jax.model import moe, moe_impls
+from olmoe_jax import kernels
+from olmoe_jax.model import moe
 
 VARIANTS = {
     # name: (model overrides, implementations to check against dense)
@@ -127,9 +128,9 @@ def test_one_expert_takes_every_token(tiny_cfg):
 
 
 def test_tile_rows():
-    assert moe_impls.tile_rows(8192 * 8, 64) == 128
-    assert moe_impls.tile_rows(24, 6) == 16
-    assert moe_impls.tile_rows(6 * 40, 6) == 64
+    assert kernels.tile_rows(8192 * 8, 64) == 128
+    assert kernels.tile_rows(24, 6) == 16
+    assert kernels.tile_rows(6 * 40, 6) == 64
 
 
 def test_full_model_dropless_equals_dense_under_scan_remat_jit(tiny_cfg):
