@@ -36,7 +36,7 @@ from olmoe_jax.parallel.chips import CHIPS  # noqa: E402  published bf16 FLOP/s,
 PEAKS = {c: (CHIPS[c].peak_bf16_flops, CHIPS[c].hbm_bytes_per_s) for c in ("v5p", "v6e")}
 # OLMoE-1B-7B, one MoE layer on one device: 8,192 tokens (e.g. 2 x 4096), bf16.
 T, E, K, D, F = 8192, 64, 8, 2048, 1024
-TM = 128  # moe_impls.tile_rows at this size (average group 1,024 rows)
+TM = 128  # kernels.tile_rows at this size (average group 1,024 rows)
 
 
 def parts():
