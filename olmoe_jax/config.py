@@ -42,6 +42,8 @@ def default_config() -> ml_collections.ConfigDict:
     m.expert_dim = 1024  # hidden size of each expert
     m.norm_topk_prob = False
     m.num_shared_experts = 0  # always-on experts of size expert_dim beside the routed ones
+    m.moe_every = 1  # n: the last layer of each n is MoE, the others dense FFNs of mlp_dim
+    m.moe_shared_layers = False  # one set of experts used by every layer (each layer its own router)
     m.router_type = "token_choice"  # token_choice | expert_choice
     m.capacity_factor = 0.0  # >0: fixed expert capacity (tokens over it are dropped, counted)
     m.moe_impl = "dropless"  # dense | capacity | dropless
@@ -50,6 +52,7 @@ def default_config() -> ml_collections.ConfigDict:
     m.lb_loss_type = "olmoe"  # olmoe (megablocks, per layer, 1/k) | hf (transformers' pooled form)
     m.lb_loss_weight = 0.01
     m.z_loss_weight = 0.001
+    m.z_loss_type = "layers"  # layers (sum / layers) | layers_tokens_topk (sum / (layers x tokens x top_k))
     m.init = "truncated_normal"  # truncated_normal | normal
     m.init_std = 0.02
     m.init_cutoff = 3.0  # truncation in units of std
@@ -62,6 +65,8 @@ def default_config() -> ml_collections.ConfigDict:
     d = c.data = ml_collections.ConfigDict()
     d.source = "builtin"  # builtin | npy | jsonl | tfds
     d.path = ""  # npy: glob of .npy files; jsonl: glob of .jsonl files; tfds: dataset name
+    d.eval_path = ""  # npy / jsonl: held-out files for validation (then every data.path file trains)
+    d.mixture = ""  # "domain=weight,...": sample training rows from each domain in these proportions
     d.data_dir = ""  # where TFDS data and the tokenizer cache live ("": ~/.cache/olmoe_jax)
     d.npy_dtype = "uint16"  # uint16 | uint32 (OLMo memmaps)
     d.text_key = "text"  # jsonl / tfds field with the document text
@@ -87,6 +92,8 @@ def default_config() -> ml_collections.ConfigDict:
     o.schedule = "cosine"  # cosine | linear | constant
     o.final_lr_ratio = 0.1
     o.decay_steps = 0  # 0: train.steps
+    o.anneal_start_step = 0  # >0: from this update on, lr falls linearly to 0 (the recipe's anneal)
+    o.anneal_steps = 0  # updates the anneal takes (lr 0 at anneal_start_step + anneal_steps)
 
     t = c.train = ml_collections.ConfigDict()
     t.steps = 1000
@@ -96,6 +103,7 @@ def default_config() -> ml_collections.ConfigDict:
     t.ckpt_every = 200
     t.keep_ckpts = 3
     t.microbatches = 1  # gradient accumulation: the batch runs in this many sequential slices
+    t.keep_every = 0  # >0: checkpoints at multiples of this step are kept beyond keep_ckpts
     t.workdir = ""
 
     mesh = c.mesh = ml_collections.ConfigDict()
@@ -114,6 +122,7 @@ _CHOICES = {
     "model.moe_backend": ("auto", "xla", "pallas", "ragged_dot", "megablox", "tokamax"),
     "model.attention_impl": ("auto", "xla", "splash", "cudnn"),
     "model.lb_loss_type": ("olmoe", "hf"),
+    "model.z_loss_type": ("layers", "layers_tokens_topk"),
     "model.init": ("truncated_normal", "normal"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.compute_dtype": ("float32", "bfloat16"),
@@ -127,15 +136,15 @@ _CHOICES = {
 _POSITIVE = (
     "model.vocab_size", "model.d_model", "model.num_layers", "model.num_heads",
     "model.num_kv_heads", "model.max_seq_len", "model.mlp_dim", "model.num_experts",
-    "model.top_k", "model.expert_dim", "data.seq_len", "data.batch_size", "train.steps",
+    "model.top_k", "model.expert_dim", "model.moe_every", "data.seq_len", "data.batch_size", "train.steps",
     "train.log_every", "train.eval_every", "train.ckpt_every", "train.keep_ckpts",
     "train.microbatches",
 )
 _NON_NEGATIVE = (
     "model.head_dim", "model.num_shared_experts", "model.capacity_factor", "model.lb_loss_weight",
     "model.z_loss_weight", "model.init_std", "model.ce_chunks", "model.norm_eps", "optim.lr", "optim.weight_decay",
-    "optim.clip_norm", "optim.warmup_steps", "optim.decay_steps", "data.eval_batches",
-    "data.num_workers",
+    "optim.clip_norm", "optim.warmup_steps", "optim.decay_steps", "optim.anneal_start_step",
+    "optim.anneal_steps", "data.eval_batches", "data.num_workers", "train.keep_every",
 )
 
 
@@ -191,6 +200,8 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
             raise ConfigError(
                 "model.capacity_factor > 0 drops tokens, but model.moe_impl=dropless never drops; "
                 "set model.moe_impl=capacity or model.capacity_factor=0")
+    _validate_layout(cfg)
+    _validate_schedule(cfg)
     if not 0 <= cfg.optim.final_lr_ratio <= 1:
         raise ConfigError(f"optim.final_lr_ratio={cfg.optim.final_lr_ratio} must be in [0, 1]")
     if not (0 <= cfg.optim.b1 < 1 and 0 <= cfg.optim.b2 < 1):
@@ -216,6 +227,33 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
             raise ConfigError("model.moe_backend=tokamax needs the optional package (pip install "
                               "tokamax); or choose auto, xla, pallas, ragged_dot or megablox")
     return cfg
+
+
+def _validate_layout(cfg) -> None:
+    """MoE in every n-th layer and layer-shared experts: what they need of the other keys."""
+    m = cfg.model
+    if m.moe_every > 1 or m.moe_shared_layers:
+        key = "model.moe_every" if m.moe_every > 1 else "model.moe_shared_layers"
+        if m.ffn_type != "moe":
+            raise ConfigError(f"{key} applies to MoE models; set model.ffn_type=moe or leave {key} at its default")
+        if m.moe_every > 1 and m.moe_shared_layers:
+            raise ConfigError("model.moe_shared_layers with model.moe_every > 1 is not supported; choose one")
+    if m.num_layers % m.moe_every:
+        raise ConfigError(f"model.moe_every={m.moe_every} must divide model.num_layers={m.num_layers} "
+                          "(layers run in groups of moe_every, the last of each group MoE)")
+
+
+def _validate_schedule(cfg) -> None:
+    o, t = cfg.optim, cfg.train
+    if o.anneal_start_step > 0 and o.anneal_steps <= 0:
+        raise ConfigError(f"optim.anneal_start_step={o.anneal_start_step} needs optim.anneal_steps > 0 "
+                          "(the updates over which the lr falls linearly to 0)")
+    if o.anneal_steps > 0 and o.anneal_start_step <= 0:
+        raise ConfigError(f"optim.anneal_steps={o.anneal_steps} needs optim.anneal_start_step > 0 "
+                          "(the update at which the anneal begins)")
+    if t.keep_every and t.keep_every % t.ckpt_every:
+        raise ConfigError(f"train.keep_every={t.keep_every} must be a multiple of train.ckpt_every="
+                          f"{t.ckpt_every} (only saved checkpoints can be kept)")
 
 
 def _check_keys_and_types(cfg, ref, prefix):

@@ -56,6 +56,10 @@ def hf_model_type(cfg) -> str:
             )
         if m.norm_type != "rmsnorm":
             problems.append(f"model.norm_type={m.norm_type} (HF OLMoE uses RMSNorm)")
+        if m.moe_every > 1:
+            problems.append(f"model.moe_every={m.moe_every} (HF OLMoE has a MoE in every layer)")
+        if m.moe_shared_layers:
+            problems.append("model.moe_shared_layers=true (HF OLMoE has its own experts in every layer)")
         if not m.qk_norm:
             problems.append("model.qk_norm=false (HF OLMoE always applies QK RMSNorm)")
         if head_dim(cfg) * m.num_heads != m.d_model:

@@ -45,33 +45,51 @@ def param_specs(cfg) -> dict[str, Any]:
         if m.qk_norm:
             lay["q_norm"] = ones((L, H, hd), ("layers", "heads", "head_dim"))
             lay["k_norm"] = ones((L, K, hd), ("layers", "kv_heads", "head_dim"))
-    if m.ffn_type == "moe":
+    L_moe, L_mlp = moe_layer_counts(cfg)
+    if L_moe:
         E, F = m.num_experts, m.expert_dim
-        moe = {
-            "router": w((L, D, E), ("layers", "embed", "router_expert")),
-            "w_gate": w((L, E, D, F), ("layers", "expert", "embed", "mlp")),
-            "w_up": w((L, E, D, F), ("layers", "expert", "embed", "mlp")),
-            "w_down": w((L, E, F, D), ("layers", "expert", "mlp", "embed")),
+        # Layer-shared: one set of experts (outside `layers`) that every layer's router uses.
+        Le = () if m.moe_shared_layers else (L_moe,)
+        la = () if m.moe_shared_layers else ("layers",)
+        experts = {
+            "w_gate": w(Le + (E, D, F), la + ("expert", "embed", "mlp")),
+            "w_up": w(Le + (E, D, F), la + ("expert", "embed", "mlp")),
+            "w_down": w(Le + (E, F, D), la + ("expert", "mlp", "embed")),
         }
+        moe = {"router": w((L_moe, D, E), ("layers", "embed", "router_expert"))}
+        if not m.moe_shared_layers:
+            moe.update(experts)
         if m.num_shared_experts:
             SF = m.num_shared_experts * F  # S experts of width F == one SwiGLU of width S*F
-            moe["shared_gate"] = w((L, D, SF), ("layers", "embed", "mlp"))
-            moe["shared_up"] = w((L, D, SF), ("layers", "embed", "mlp"))
-            moe["shared_down"] = w((L, SF, D), ("layers", "mlp", "embed"))
+            moe["shared_gate"] = w((L_moe, D, SF), ("layers", "embed", "mlp"))
+            moe["shared_up"] = w((L_moe, D, SF), ("layers", "embed", "mlp"))
+            moe["shared_down"] = w((L_moe, SF, D), ("layers", "mlp", "embed"))
         lay["moe"] = moe
-    else:
+    if L_mlp:
         F = m.mlp_dim
         lay["mlp"] = {
-            "w_gate": w((L, D, F), ("layers", "embed", "mlp")),
-            "w_up": w((L, D, F), ("layers", "embed", "mlp")),
-            "w_down": w((L, F, D), ("layers", "mlp", "embed")),
+            "w_gate": w((L_mlp, D, F), ("layers", "embed", "mlp")),
+            "w_up": w((L_mlp, D, F), ("layers", "embed", "mlp")),
+            "w_down": w((L_mlp, F, D), ("layers", "mlp", "embed")),
         }
     specs: dict[str, Any] = {"embed": w((V, D), ("vocab", "embed")), "layers": lay}
+    if L_moe and m.moe_shared_layers:
+        specs["layer_shared_experts"] = experts
     if rms:
         specs["final_norm"] = ones((D,), ("embed",))
     if not m.tie_embeddings:
         specs["lm_head"] = w((D, V), ("embed", "vocab"))
     return specs
+
+
+def moe_layer_counts(cfg) -> tuple[int, int]:
+    """(MoE layers, dense-FFN layers). With model.moe_every = n the layers run in groups of n,
+    the last of each group MoE and the others dense (n = 2: layers 1, 3, 5, ... are MoE)."""
+    m = cfg.model
+    if m.ffn_type != "moe":
+        return 0, m.num_layers
+    n_moe = m.num_layers // m.moe_every
+    return n_moe, m.num_layers - n_moe
 
 
 def _is_spec(x) -> bool:
@@ -118,15 +136,23 @@ def init(cfg, rng) -> dict[str, Any]:
 
 def count_params(cfg) -> tuple[int, int]:
     """(total, active per token). Active counts top_k routed experts (token choice) or
-    top_k * capacity_factor on average (expert choice), the whole router, both embeddings."""
+    top_k * capacity_factor on average (expert choice) per MoE layer, the whole router, both
+    embeddings. Layer-shared experts are stored once (total) but multiply every token in every
+    layer (active), so active counts them once per layer: the parameters that set the FLOPs."""
     m = cfg.model
     sizes = jax.tree.map(lambda s: math.prod(s.shape), param_specs(cfg), is_leaf=_is_spec)
     total = sum(jax.tree.leaves(sizes))
     active = total
-    if m.ffn_type == "moe":
-        per_expert = sum(sizes["layers"]["moe"][k] for k in ("w_gate", "w_up", "w_down")) // m.num_experts
+    L_moe, _ = moe_layer_counts(cfg)
+    if L_moe:
         used = m.top_k if m.router_type == "token_choice" else m.top_k * m.capacity_factor
-        active = total - int(round((m.num_experts - used) * per_expert))
+        names = ("w_gate", "w_up", "w_down")
+        if m.moe_shared_layers:
+            per_expert = sum(sizes["layer_shared_experts"][k] for k in names) // m.num_experts
+            active = total - m.num_experts * per_expert + int(round(L_moe * used * per_expert))
+        else:
+            per_expert = sum(sizes["layers"]["moe"][k] for k in names) // m.num_experts
+            active = total - int(round((m.num_experts - used) * per_expert))
     return total, active
 
 
@@ -173,34 +199,69 @@ def apply(params, tokens_BT, cfg, *, positions_BT=None, cache=None, return_routi
         positions_BT = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
     act = lambda a, names: rules.constrain(a, names, mesh)  # noqa: E731
     # One layer's MoE weight axes (no `layers` dim): the expert-parallel block's in_specs.
-    moe_axes = ({k: v[1:] for k, v in logical_axes(cfg)["layers"]["moe"].items()}
-                if mesh is not None and m.ffn_type == "moe" else None)
+    moe_axes = None
+    if mesh is not None and m.ffn_type == "moe":  # layer-shared experts have no `layers` dim
+        axes = logical_axes(cfg)
+        both = {**axes["layers"]["moe"], **axes.get("layer_shared_experts", {})}
+        moe_axes = {k: v[1:] if v[:1] == ("layers",) else v for k, v in both.items()}
     BTD = ("batch", "length", "embed")
     x_BTD = act(jnp.take(params["embed"], tokens_BT, axis=0).astype(dt), BTD)
 
-    def layer(x_BTD, xs):
-        p, kv = xs
+    L_moe, _ = moe_layer_counts(cfg)
+    n = m.moe_every if L_moe else 1  # layers per scan step: n - 1 dense, then one MoE
+    G = m.num_layers // n
+    shared = params.get("layer_shared_experts", {})
+
+    def at(tree, j):  # layer j of a group (with one layer per group the scan slice is the layer)
+        return tree if n == 1 else jax.tree.map(lambda a: a[j], tree)
+
+    def sublayer(x_BTD, p, kv, q):
+        """One layer; q: its dense FFN weights, or None for the MoE layer."""
         c = None if kv is None else {"k": kv[0], "v": kv[1], "index": cache["index"]}
         h_BTD = act(layers.norm(x_BTD, p.get("attn_norm"), cfg), BTD)
         a_BTD, c = layers.attention(p, h_BTD, positions_BT, cfg, c, in_order=in_order, mesh=mesh)
         x_BTD = act(x_BTD + a_BTD, BTD)
         h_BTD = act(layers.norm(x_BTD, p.get("mlp_norm"), cfg), BTD)
-        if m.ffn_type == "moe":
-            y_BTD, stats = moe_block(p["moe"], h_BTD, cfg, mesh=mesh, weight_axes=moe_axes)
+        if q is None:
+            y_BTD, stats = moe_block({**p["moe"], **shared}, h_BTD, cfg, mesh=mesh, weight_axes=moe_axes)
             if not return_routing:
                 stats = {k: v for k, v in stats.items() if k != "topk_idx"}
         else:
-            q = p["mlp"]
             y_BTD, stats = layers.swiglu(h_BTD, q["w_gate"].astype(dt), q["w_up"].astype(dt),
-                                         q["w_down"].astype(dt), mesh=mesh), {}
+                                         q["w_down"].astype(dt), mesh=mesh), None
         new_kv = None if c is None else (c["k"], c["v"])
-        return act(x_BTD + y_BTD, BTD), (stats, new_kv)
+        return act(x_BTD + y_BTD, BTD), stats, new_kv
+
+    def group(x_BTD, xs):
+        p, kv = xs  # one group of n layers: attention weights [n, ...], mlp [n - 1, ...], moe [...]
+        attn = {k: v for k, v in p.items() if k not in ("moe", "mlp")}
+        stats, new_kv = {}, []
+        for j in range(n):
+            pj = at(attn, j)
+            if L_moe and j == n - 1:
+                pj["moe"], q = p["moe"], None
+            else:
+                q = at(p["mlp"], j)
+            x_BTD, s, c = sublayer(x_BTD, pj, None if kv is None else at(kv, j), q)
+            stats = s if s is not None else stats
+            new_kv.append(c)
+        if kv is not None:
+            new_kv = new_kv[0] if n == 1 else tuple(jnp.stack([c[i] for c in new_kv]) for i in range(2))
+        return x_BTD, (stats, new_kv if kv is not None else None)
 
     if m.remat != "none":
-        layer = jax.checkpoint(layer, policy=_REMAT[m.remat], prevent_cse=False)
-    kv = None if cache is None else (cache["k"], cache["v"])
-    x_BTD, (stats, new_kv) = jax.lax.scan(
-        layer, x_BTD, (params["layers"], kv), unroll=1 if m.scan_layers else m.num_layers)
+        group = jax.checkpoint(group, policy=_REMAT[m.remat], prevent_cse=False)
+
+    def by_group(a):  # [count, ...] -> [G, count / G, ...]; the MoE weights: one per group
+        return a if n == 1 else a.reshape((G, a.shape[0] // G) + a.shape[1:])
+
+    stack = {k: jax.tree.map(by_group, v) for k, v in params["layers"].items() if k != "moe"}
+    if L_moe:
+        stack["moe"] = params["layers"]["moe"]
+    kv = None if cache is None else (by_group(cache["k"]), by_group(cache["v"]))
+    x_BTD, (stats, new_kv) = jax.lax.scan(group, x_BTD, (stack, kv), unroll=1 if m.scan_layers else G)
+    if new_kv is not None and n > 1:
+        new_kv = tuple(a.reshape((m.num_layers,) + a.shape[2:]) for a in new_kv)
     x_BTD = act(layers.norm(x_BTD, params.get("final_norm"), cfg), BTD)
     if return_hidden:
         out = x_BTD
