@@ -6,7 +6,11 @@ Load balancing, `lb_loss_type`:
   when routing is perfectly balanced. tokens_per_expert counts the k slots.
 - "hf" (transformers' `load_balancing_loss_func`, for parity checks): tokens of all layers are
   pooled and the 1/k factor is omitted, so a balanced router scores k.
-Router z-loss: mean over tokens of logsumexp(logits)^2 per layer (no 1/k), averaged over layers.
+Router z-loss, `z_loss_type` (OLMo's code combined megablocks' per-layer values in two ways):
+- "layers" (default; OLMo's later form): per layer the mean over tokens of logsumexp(logits)^2,
+  summed over layers and divided by the number of (MoE) layers.
+- "layers_tokens_topk" (the earlier form): the sum over layers and tokens of logsumexp^2
+  divided by layers x tokens x top_k, i.e. the "layers" value / top_k.
 """
 from __future__ import annotations
 
@@ -53,6 +57,8 @@ def router_losses(aux, cfg):
     lb = jnp.mean(lb_layers) if m.lb_loss_type == "olmoe" else load_balancing_hf(tpe, pm, m.top_k)
     z_layers = aux["z_loss"]
     z = jnp.mean(z_layers)
+    if m.z_loss_type == "layers_tokens_topk":
+        z = z / m.top_k
     total = m.lb_loss_weight * lb + m.z_loss_weight * z
     metrics = {
         "lb_loss": lb,

@@ -49,10 +49,12 @@ def step_items(workdir, step: int) -> set[str]:
     return {p.name for p in d.iterdir() if p.is_dir()} if d.is_dir() else set()
 
 
-def _manager(workdir, *, read_only: bool, keep: int | None = None) -> ocp.CheckpointManager:
+def _manager(workdir, *, read_only: bool, keep: int | None = None,
+             keep_every: int | None = None) -> ocp.CheckpointManager:
     directory = Path(workdir).absolute() / CHECKPOINTS
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only,
-                                           save_interval_steps=0 if read_only else 1)
+    # keep_period: milestones (steps divisible by it) survive max_to_keep's deletions.
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, keep_period=keep_every, create=not read_only,
+                                           read_only=read_only, save_interval_steps=0 if read_only else 1)
     if not read_only:
         return ocp.CheckpointManager(directory, options=options)
     # Orbax logs a warning for every read-only manager ("directory is read only"): reading a
@@ -82,13 +84,14 @@ class Checkpointer:
 
     `save` writes when `step` is a multiple of `save_every` or when forced (the last step), and
     returns while the arrays are written in the background (Orbax async checkpointing);
-    `close` waits for the writes to finish. The `keep` newest checkpoints are kept.
+    `close` waits for the writes to finish. The `keep` newest checkpoints are kept, and every
+    one at a multiple of `keep_every` (milestones, e.g. for the routing-saturation analysis).
     """
 
-    def __init__(self, workdir, *, keep: int, save_every: int):
+    def __init__(self, workdir, *, keep: int, save_every: int, keep_every: int | None = None):
         self._workdir = workdir
         self._save_every = save_every
-        self._mgr = _manager(workdir, read_only=False, keep=keep)
+        self._mgr = _manager(workdir, read_only=False, keep=keep, keep_every=keep_every)
 
     def latest_step(self) -> int | None:
         """The newest step holding a train state (params-only checkpoints do not count)."""

@@ -24,12 +24,15 @@ from olmoe_jax.parallel.mesh import make_mesh
 from olmoe_jax.train import checkpoint as ckpt_lib
 from olmoe_jax.train import metrics as metrics_lib
 from olmoe_jax.train import step as step_lib
+from olmoe_jax.train.optimizer import first_schedule_difference, schedule_length
 
-# Keys that may change between a run and its resumption: how long and how often, not what.
+# Keys that may change between a run and its resumption: how long and how often, not what;
+# and the anneal (the recipe's last phase), as long as the updates already done keep their lr.
+SCHEDULE_KEYS = frozenset({"optim.anneal_start_step", "optim.anneal_steps", "optim.decay_steps"})
 RESUMABLE_KEYS = frozenset({
     "train.steps", "train.log_every", "train.eval_every", "train.ckpt_every", "train.keep_ckpts",
-    "train.workdir",
-})
+    "train.keep_every", "train.workdir",
+}) | SCHEDULE_KEYS
 
 
 @dataclasses.dataclass
@@ -79,6 +82,9 @@ def workdir_mode(cfg, workdir) -> str:
                 f"{workdir} holds a run with a different config, so it cannot be resumed: "
                 + "; ".join(diff) + ". Use a new --workdir, or only change "
                 + ", ".join(sorted(RESUMABLE_KEYS - {'train.workdir'})))
+        changed = {d.split(":")[0] for d in config_diff(old, cfg)}
+        if changed & SCHEDULE_KEYS:
+            _check_schedule_change(old, cfg, max(full), workdir)
         return "resume"
     shapes = lambda c: jax.tree.map(lambda s: (s.shape, s.dtype), transformer.abstract_params(c))  # noqa: E731
     if shapes(old) != shapes(cfg):
@@ -86,6 +92,19 @@ def workdir_mode(cfg, workdir) -> str:
         raise ConfigError(f"the params checkpoint in {workdir} does not fit this model: "
                           + "; ".join(diff) + ". Set these model keys to the checkpoint's values")
     return "params"
+
+
+def _check_schedule_change(old, cfg, done: int, workdir) -> None:
+    """ConfigError unless the new schedule gives every update already done its old lr."""
+    first = first_schedule_difference(old, cfg, done)
+    if first is None:
+        return
+    hint = (f"the run decayed over {schedule_length(old)} steps and this config over "
+            f"{schedule_length(cfg)}: set optim.decay_steps={schedule_length(old)}"
+            if schedule_length(old) != schedule_length(cfg) else
+            f"start the anneal at or after step {done} (optim.anneal_start_step)")
+    raise ConfigError(f"{workdir} is at step {done}, but the new optim.anneal_*/decay_steps change the lr of "
+                      f"update {first + 1}, which is already done; {hint}")
 
 
 def _preflight(cfg, workdir) -> tuple[ml_collections.ConfigDict, str]:
@@ -118,7 +137,8 @@ def train_on(cfg, workdir, data: Data) -> dict[str, Any]:
     t = cfg.train
     mesh = make_mesh(cfg)
     shardings = step_lib.state_shardings(cfg, mesh)
-    ckpt = ckpt_lib.Checkpointer(workdir, keep=t.keep_ckpts, save_every=t.ckpt_every)
+    ckpt = ckpt_lib.Checkpointer(workdir, keep=t.keep_ckpts, save_every=t.ckpt_every,
+                                 keep_every=t.keep_every or None)
     writer = None
     try:
         latest = ckpt.latest_step()  # not None when mode == "resume"

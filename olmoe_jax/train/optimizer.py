@@ -9,14 +9,27 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from olmoe_jax.model import transformer
 
 
 def schedule_length(cfg) -> int:
-    """Steps from the start to the end of the decay: optim.decay_steps, or train.steps if 0."""
-    return cfg.optim.decay_steps or cfg.train.steps
+    """Steps from the start to the end of the decay: optim.decay_steps; if 0, the anneal's start
+    when there is an anneal (the main phase ends where the anneal begins), else train.steps."""
+    o = cfg.optim
+    return o.decay_steps or (o.anneal_start_step if o.anneal_start_step > 0 else cfg.train.steps)
+
+
+def first_schedule_difference(old_cfg, new_cfg, updates: int) -> int | None:
+    """The first update count in [0, updates) whose lr differs between the two configs' schedules,
+    or None: a resumed run may change its schedule only after the updates it has done."""
+    if updates <= 0:
+        return None
+    counts = jnp.arange(updates)
+    diff = np.flatnonzero(np.asarray(make_schedule(old_cfg)(counts) != make_schedule(new_cfg)(counts)))
+    return int(diff[0]) if diff.size else None
 
 
 def make_schedule(cfg) -> Callable[[jax.Array], jax.Array]:
@@ -27,7 +40,29 @@ def make_schedule(cfg) -> Callable[[jax.Array], jax.Array]:
     to the peak at n = warmup_steps, then decay to final_lr_ratio x peak at n = decay length
     (warmup included), constant after. A run shorter than its warmup (a smoke run) just never
     reaches the peak.
+
+    The anneal (optim.anneal_start_step = a > 0, anneal_steps = s): updates n <= a follow the
+    schedule above unchanged, so a run resumed with an anneal continues bit for bit up to a;
+    from there the lr falls linearly from the schedule's value at n = a to 0 at n = a + s
+    (the recipe's final phase: 100B tokens linear to 0), and stays 0 after.
     """
+    o = cfg.optim
+    base = _base_schedule(cfg)
+    if o.anneal_start_step <= 0:
+        return base
+    start, length = o.anneal_start_step, o.anneal_steps
+
+    def annealed(count):
+        n = jnp.asarray(count, jnp.float32) + 1.0
+        at_start = base(start - 1)  # the lr of update n = start
+        frac = jnp.clip((n - start) / length, 0.0, 1.0)
+        return jnp.where(n <= start, base(count), at_start * (1.0 - frac)).astype(jnp.float32)
+
+    return annealed
+
+
+def _base_schedule(cfg) -> Callable[[jax.Array], jax.Array]:
+    """Warmup then decay (make_schedule without the anneal)."""
     o = cfg.optim
     peak, final = o.lr, o.lr * o.final_lr_ratio
     warmup, total = o.warmup_steps, schedule_length(cfg)

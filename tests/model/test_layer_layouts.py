@@ -135,3 +135,24 @@ def test_layer_shared_counts_experts_once_in_total_and_per_layer_in_active(share
     assert active == p_active  # each layer's k experts multiply the token: the same FLOPs
     with pytest.raises(HFFormatError, match="moe_shared_layers"):
         hf_model_type(shared_cfg)
+
+
+def test_z_loss_types_against_hand_computed_logsumexp(tiny_cfg):
+    """layers: sum over layers of mean_t lse^2 / layers; layers_tokens_topk: the sum over layers
+    and tokens of lse^2 / (layers x tokens x top_k), computed here from the router logits."""
+    from olmoe_jax.model import losses  # pylint: disable=import-outside-toplevel
+    m = tiny_cfg.model
+    rng = np.random.default_rng(0)
+    L, T = 3, 10
+    logits = rng.normal(size=(L, T, m.num_experts)) * 3
+    lse2 = np.log(np.exp(logits).sum(-1)) ** 2  # [L, T]
+    aux = {"tokens_per_expert": jnp.ones((L, m.num_experts)), "prob_mean": jnp.ones((L, m.num_experts)) / 6,
+           "z_loss": jnp.asarray(lse2.mean(-1), jnp.float32), "dropped_frac": jnp.zeros((L,))}
+    _, got = losses.router_losses(aux, tiny_cfg)
+    np.testing.assert_allclose(got["z_loss"], lse2.mean(-1).sum() / L, rtol=1e-6)
+    tiny_cfg.model.z_loss_type = "layers_tokens_topk"
+    total, got = losses.router_losses(aux, tiny_cfg)
+    np.testing.assert_allclose(got["z_loss"], lse2.sum() / (L * T * m.top_k), rtol=1e-6)
+    lb = float(got["lb_loss"])
+    np.testing.assert_allclose(total, m.lb_loss_weight * lb + m.z_loss_weight * lse2.sum() / (L * T * m.top_k),
+                               rtol=1e-6)
