@@ -33,8 +33,13 @@ def run(args) -> int:
         for path, leaf in _flat(shapes):
             print(f"  {path:<28} {str(tuple(leaf.shape)):<26} {leaf.size:>16,}")
         return 0
-    for name in experiments.names():
-        print(f"{name:<16} {experiments.describe(name)}")
+    # By family: a header with what the paper found, then one line per experiment.
+    width = max(len(n) for n in experiments.names()) + 2
+    for family, about in experiments.families().items():
+        print(f"{family}: {about}")
+        for e in experiments.family_entries(family):
+            print(f"  {e.name:<{width}}{e.scale:<6}{experiments.describe(e.name)}")
+    print("\n`olmoe experiments --config NAME` shows one; `olmoe sweep FAMILY --out DIR` runs a family.")
     return 0
 
 
