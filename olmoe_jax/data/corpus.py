@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import ast
 import contextlib
-import fcntl
-import hashlib
 import os
 import pathlib
 import sys
@@ -30,10 +28,11 @@ from typing import Iterator, NamedTuple
 import tensorflow_datasets as tfds
 
 from olmoe_jax.data.generated import arithmetic_documents, records_documents
+from olmoe_jax.io import (VALIDATION_PER_MILLE, batched_reads, default_data_dir, file_lock,  # noqa: F401
+                          split_of, stable_hash)
 
 DOMAINS = ("code", "prose", "arithmetic", "records")
 VERSION = "1.1.0"
-VALIDATION_PER_MILLE = 30  # 3% of groups
 CODE_KEEP_PERCENT = 35  # share of stdlib code chunks kept, so code does not swamp the rest
 CHUNK_CHARS = 3000  # documents are cut near this size, at line or paragraph boundaries
 N_ARITHMETIC, N_RECORDS = 1500, 1250
@@ -46,20 +45,6 @@ class Document(NamedTuple):
     domain: str
     group: str  # split unit: documents sharing a group land in the same split
     text: str
-
-
-def default_data_dir(data_dir: str = "") -> str:
-    """`data_dir`, else $OLMOE_JAX_CACHE, else ~/.cache/olmoe_jax."""
-    return data_dir or os.environ.get("OLMOE_JAX_CACHE") or os.path.expanduser("~/.cache/olmoe_jax")
-
-
-def stable_hash(text: str) -> int:
-    """A 64-bit hash that is the same in every process and Python run (unlike `hash`)."""
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
-
-
-def split_of(group: str) -> str:
-    return "validation" if stable_hash(group) % 1000 < VALIDATION_PER_MILLE else "train"
 
 
 def stdlib_dir() -> pathlib.Path:
@@ -214,18 +199,6 @@ class OlmoeBuiltinCorpus(tfds.core.GeneratorBasedBuilder):
                 yield doc.key, doc._asdict()
 
 
-@contextlib.contextmanager
-def file_lock(data_dir: str, name: str):
-    """An exclusive lock under `data_dir`, so processes sharing a cache prepare it only once."""
-    os.makedirs(data_dir, exist_ok=True)
-    with open(os.path.join(data_dir, f".{name}.lock"), "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def corpus_builder(data_dir: str = "") -> OlmoeBuiltinCorpus:
     """The builder, prepared under `<data_dir>/tfds` on first use (a few seconds)."""
     data_dir = default_data_dir(data_dir)
@@ -269,8 +242,4 @@ def read_split(data_dir: str, split: str,
 
     Prepares the corpus first if needed; reading the train split takes about 0.3 s."""
     source = corpus_builder(data_dir).as_data_source(split=split)
-    out = []
-    for start in range(0, len(source), 1024):
-        for ex in source.__getitems__(range(start, min(start + 1024, len(source)))):
-            out.append(tuple(ex[f].decode() for f in fields))
-    return out
+    return [tuple(ex[f].decode() for f in fields) for ex in batched_reads(source)]

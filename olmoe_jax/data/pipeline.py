@@ -26,6 +26,7 @@ from olmoe_jax.data.errors import DataError
 from olmoe_jax.data.sources import Span
 from olmoe_jax.data.token_cache import cache_dir, token_streams
 from olmoe_jax.data.tokenizers import Tokenizer
+from olmoe_jax.io import atomic_write_text
 
 ENTROPY_MAX_TOKENS = 1 << 26  # unigram statistics of huge npy validation sets use a prefix
 
@@ -181,8 +182,5 @@ def unigram_entropy(cfg, tokenizer: Tokenizer) -> dict[str, float]:
             counts += np.bincount(tokens, minlength=tokenizer.vocab_size)[:tokenizer.vocab_size]
             left -= tokens.size
         out[domain] = _entropy_nats(counts)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + f".tmp{os.getpid()}", "w") as f:
-        json.dump(out, f, indent=1)
-    os.replace(path + f".tmp{os.getpid()}", path)
+    atomic_write_text(path, json.dumps(out, indent=1))
     return out

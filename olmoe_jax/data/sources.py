@@ -24,8 +24,8 @@ from typing import Iterator
 
 import numpy as np
 
-from olmoe_jax.data import corpus
 from olmoe_jax.data.errors import DataError
+from olmoe_jax.io import batched_reads, default_data_dir, split_of, stable_hash
 
 NPY_VALIDATION_FRACTION = 0.02
 _NPY_MAGIC = b"\x93NUMPY"
@@ -159,7 +159,7 @@ def iter_jsonl(path: str, text_key: str,
 def tfds_builder(cfg):
     """The TFDS builder of `data.path`, under <data_dir>/tfds, ArrayRecord format."""
     import tensorflow_datasets as tfds
-    data_dir = os.path.join(corpus.default_data_dir(cfg.data.data_dir), "tfds")
+    data_dir = os.path.join(default_data_dir(cfg.data.data_dir), "tfds")
     try:
         builder = tfds.builder(cfg.data.path, data_dir=data_dir, file_format="array_record")
     except Exception as e:  # tfds raises several types (DatasetNotFoundError, ValueError)
@@ -191,14 +191,13 @@ def iter_tfds(cfg, split: str) -> Iterator[tuple[str, str]]:
     use_val = split == "validation" and val_split is not None
     source = builder.as_data_source(split=val_split if use_val else train_split)
     name = builder.name
-    for start in range(0, len(source), 1024):
-        for ex in source.__getitems__(range(start, min(start + 1024, len(source)))):
-            text = ex[cfg.data.text_key]
-            text = text.decode("utf-8") if isinstance(text, bytes) else str(text)
-            if val_split is None and corpus.split_of(text) != split:
-                continue
-            domain = ex.get("domain", name)
-            yield (domain.decode() if isinstance(domain, bytes) else str(domain)), text
+    for ex in batched_reads(source):
+        text = ex[cfg.data.text_key]
+        text = text.decode("utf-8") if isinstance(text, bytes) else str(text)
+        if val_split is None and split_of(text) != split:
+            continue
+        domain = ex.get("domain", name)
+        yield (domain.decode() if isinstance(domain, bytes) else str(domain)), text
 
 
 # ----------------------------------------------------------------------------- text, any source
@@ -207,11 +206,12 @@ def text_documents(cfg, split: str) -> Iterator[tuple[str, str]]:
     """(domain, text) of every document of `split` ("train" | "validation"), in a fixed order."""
     source = cfg.data.source
     if source == "builtin":
+        from olmoe_jax.data import corpus  # pylint: disable=import-outside-toplevel  (imports TFDS)
         yield from corpus.read_split(cfg.data.data_dir, split)
     elif source == "jsonl":
         for path in resolve_paths(cfg.data.path):
             for domain, text in iter_jsonl(path, cfg.data.text_key):
-                if corpus.split_of(text) == split:
+                if split_of(text) == split:
                     yield domain, text
     elif source == "tfds":
         yield from iter_tfds(cfg, split)
@@ -223,16 +223,17 @@ def text_fingerprint(cfg) -> str:
     """Names the documents a text source yields; changes when they may change."""
     d = cfg.data
     if d.source == "builtin":
+        from olmoe_jax.data import corpus  # pylint: disable=import-outside-toplevel
         return f"builtin-{corpus.VERSION}-{corpus.python_tag()}"
     if d.source == "jsonl":
         return f"jsonl-{files_fingerprint(d.path, d.text_key)}"
-    return f"tfds-{corpus.stable_hash(json.dumps([d.path, d.text_key])):016x}"
+    return f"tfds-{stable_hash(json.dumps([d.path, d.text_key])):016x}"
 
 
 def files_fingerprint(pattern: str, *extra) -> str:
     """Changes when a matched file is added, removed, resized or rewritten (size, mtime)."""
     stats = [(p, os.path.getsize(p), os.stat(p).st_mtime_ns) for p in resolve_paths(pattern)]
-    return f"{corpus.stable_hash(json.dumps([stats, *extra])):016x}"
+    return f"{stable_hash(json.dumps([stats, *extra])):016x}"
 
 
 def check_data(cfg) -> str:
@@ -254,7 +255,8 @@ def check_data(cfg) -> str:
     if d.tokenizer == "sentencepiece" and d.tokenizer_path and not os.path.isfile(d.tokenizer_path):
         raise DataError(f"data.tokenizer_path={d.tokenizer_path!r} is not a file")
     if d.source == "builtin":
-        where = corpus.default_data_dir(d.data_dir)
+        from olmoe_jax.data import corpus  # pylint: disable=import-outside-toplevel
+        where = default_data_dir(d.data_dir)
         return f"builtin corpus {corpus.VERSION} ({corpus.python_tag()}) in {where}"
     if d.source == "npy":
         files = resolve_paths(d.path)

@@ -13,9 +13,10 @@ from typing import Sequence
 
 import numpy as np
 
-from olmoe_jax.data import corpus, sources
+from olmoe_jax.data import sources
 from olmoe_jax.data.errors import DataError
 from olmoe_jax.data.tokenizers import Tokenizer
+from olmoe_jax.io import default_data_dir, file_lock
 
 Streams = dict[str, dict[str, list[sources.Span]]]  # split -> domain -> token spans
 SPLITS = ("train", "validation")
@@ -28,7 +29,7 @@ def cache_dir(cfg, tokenizer: Tokenizer) -> str:
         name = f"npy-{sources.files_fingerprint(cfg.data.path, cfg.data.npy_dtype)}"
     else:
         name = sources.text_fingerprint(cfg)
-    root = corpus.default_data_dir(cfg.data.data_dir)
+    root = default_data_dir(cfg.data.data_dir)
     return os.path.join(root, "tokens", f"{name}-{tokenizer.fingerprint}")
 
 
@@ -83,8 +84,8 @@ def token_streams(cfg, tokenizer: Tokenizer) -> Streams:
         return sources.npy_streams(cfg)
     folder = cache_dir(cfg, tokenizer)
     if not os.path.exists(os.path.join(folder, "index.json")):
-        data_dir = corpus.default_data_dir(cfg.data.data_dir)
-        with corpus.file_lock(data_dir, "tokens"):
+        data_dir = default_data_dir(cfg.data.data_dir)
+        with file_lock(data_dir, "tokens"):
             if not os.path.exists(os.path.join(folder, "index.json")):
                 _build(cfg, tokenizer, folder)
     with open(os.path.join(folder, "index.json")) as f:

@@ -14,8 +14,8 @@ import json
 import os
 from typing import Sequence
 
-from olmoe_jax.data import corpus
 from olmoe_jax.data.errors import DataError
+from olmoe_jax.io import atomic_write_bytes, default_data_dir, file_lock
 
 
 class Tokenizer(abc.ABC):
@@ -109,18 +109,15 @@ def train_sentencepiece(texts: Sequence[str], vocab_size: int) -> bytes:
 def builtin_sentencepiece(vocab_size: int, data_dir: str = "") -> SentencePieceTokenizer:
     """The SentencePiece model of the built-in corpus's train split, trained once and cached
     as <data_dir>/tokenizers/spm-<corpus version>-<python>-<vocab_size>.model."""
-    data_dir = corpus.default_data_dir(data_dir)
+    from olmoe_jax.data import corpus  # pylint: disable=import-outside-toplevel  (TFDS: builtin only)
+    data_dir = default_data_dir(data_dir)
     path = os.path.join(data_dir, "tokenizers",
                         f"spm-{corpus.VERSION}-{corpus.python_tag()}-{vocab_size}.model")
     if not os.path.exists(path):
-        with corpus.file_lock(data_dir, "tokenizer"):
+        with file_lock(data_dir, "tokenizer"):
             if not os.path.exists(path):
                 texts = [text for _, text in corpus.read_split(data_dir, "train")]
-                proto = train_sentencepiece(texts, vocab_size)
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                with open(path + ".tmp", "wb") as f:
-                    f.write(proto)
-                os.replace(path + ".tmp", path)  # readers never see half a file
+                atomic_write_bytes(path, train_sentencepiece(texts, vocab_size))
     with open(path, "rb") as f:
         return SentencePieceTokenizer(f.read())
 
