@@ -27,6 +27,7 @@ COMMANDS = {
     "experiments": ("launch.experiments_cmd", "list the experiment registry, print configs and parameter counts"),
     "launch": ("launch.launch", "run an olmoe command on N local processes, a TPU pod slice or a SLURM job"),
     "compile": ("launch.compile", "compile the train step for a TPU slice from this host: memory, collectives, est. MFU"),
+    "sweep": ("launch.sweep", "run a family of experiments or a grid, one run after another (resumable)"),
 }
 
 # Global flags before COMMAND: this process's place in a multi-process run
