@@ -202,6 +202,8 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
                 "set model.moe_impl=capacity or model.capacity_factor=0")
     _validate_layout(cfg)
     _validate_schedule(cfg)
+    if cfg.data.mixture:
+        parse_mixture(cfg.data.mixture)
     if not 0 <= cfg.optim.final_lr_ratio <= 1:
         raise ConfigError(f"optim.final_lr_ratio={cfg.optim.final_lr_ratio} must be in [0, 1]")
     if not (0 <= cfg.optim.b1 < 1 and 0 <= cfg.optim.b2 < 1):
@@ -241,6 +243,23 @@ def _validate_layout(cfg) -> None:
     if m.num_layers % m.moe_every:
         raise ConfigError(f"model.moe_every={m.moe_every} must divide model.num_layers={m.num_layers} "
                           "(layers run in groups of moe_every, the last of each group MoE)")
+
+
+def parse_mixture(text: str) -> dict[str, float]:
+    """data.mixture "code=0.5,prose=0.3,..." -> {domain: weight} (weights > 0, normalised to sum 1)."""
+    weights: dict[str, float] = {}
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        name, sep, value = part.partition("=")
+        try:
+            weight = float(value) if sep else -1.0
+        except ValueError:
+            weight = -1.0
+        if not name.strip() or not weight > 0 or name.strip() in weights:
+            raise ConfigError(f"data.mixture={text!r}: {part!r} is not domain=weight with a weight > 0 "
+                              "(each domain once), e.g. data.mixture=code=0.5,prose=0.5")
+        weights[name.strip()] = weight
+    total = sum(weights.values())
+    return {k: v / total for k, v in weights.items()}
 
 
 def _validate_schedule(cfg) -> None:

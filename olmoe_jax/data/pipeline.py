@@ -22,6 +22,7 @@ from typing import Sequence
 import grain
 import numpy as np
 
+from olmoe_jax.config import parse_mixture
 from olmoe_jax.data.errors import DataError
 from olmoe_jax.data.sources import Span
 from olmoe_jax.data.token_cache import cache_dir, token_streams
@@ -109,19 +110,47 @@ def train_rows(cfg, tokenizer: Tokenizer) -> PackedRows:
     return rows
 
 
+def mixed_rows(cfg, tokenizer: Tokenizer) -> grain.MapDataset:
+    """Endless training rows drawn from the domains of data.mixture in its proportions: each
+    named domain packed on its own, shuffled (per epoch of that domain) and repeated, then
+    interleaved by grain's weighted mix. Domains the mixture does not name are left out."""
+    train = token_streams(cfg, tokenizer)["train"]
+    weights = parse_mixture(cfg.data.mixture)
+    missing = sorted(set(weights) - set(train))
+    if missing:
+        raise DataError(f"data.mixture names {', '.join(missing)}, but the training data has the domains "
+                        f"{', '.join(sorted(train))}; fix data.mixture")
+    parts = []
+    for i, domain in enumerate(weights):
+        rows = PackedRows(train[domain], cfg.data.seq_len + 1)
+        if not len(rows):
+            raise DataError(f"data.mixture: domain {domain} holds {rows.total} tokens, less than one row of "
+                            f"data.seq_len+1={cfg.data.seq_len + 1}; drop it from data.mixture or add data")
+        ds = grain.MapDataset.source(rows)
+        if cfg.data.shuffle:
+            ds = ds.shuffle(seed=cfg.data.seed + i)
+        parts.append(ds.repeat())
+    return grain.MapDataset.mix(parts, list(weights.values()))
+
+
 def make_train_iterator(cfg, tokenizer: Tokenizer, *, process_index: int = 0,
                         process_count: int = 1) -> grain.DatasetIterator:
     """An endless, checkpointable iterator of this process's training batches:
     {inputs int32 [B, T], targets int32 [B, T], loss_mask float32 [B, T]},
     B = data.batch_size // process_count, T = data.seq_len. Each epoch is reshuffled.
+    With data.mixture the rows come from its domains in its proportions (mixed_rows).
 
     Save and restore it with grain.checkpoint.CheckpointSave / CheckpointRestore.
     """
     b = local_batch_size(cfg, process_index, process_count)
-    ds = grain.MapDataset.source(train_rows(cfg, tokenizer))
-    if cfg.data.shuffle:
-        ds = ds.shuffle(seed=cfg.data.seed)
-    ds = ds.repeat().batch(b, drop_remainder=True)[process_index::process_count].map(_example)
+    if cfg.data.mixture:
+        ds = mixed_rows(cfg, tokenizer)
+    else:
+        ds = grain.MapDataset.source(train_rows(cfg, tokenizer))
+        if cfg.data.shuffle:
+            ds = ds.shuffle(seed=cfg.data.seed)
+        ds = ds.repeat()
+    ds = ds.batch(b, drop_remainder=True)[process_index::process_count].map(_example)
     # Rows are memmap slices: two threads and a short buffer keep up without hogging the CPU.
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
     if cfg.data.num_workers > 0:

@@ -31,19 +31,44 @@ NPY_VALIDATION_FRACTION = 0.02
 _NPY_MAGIC = b"\x93NUMPY"
 
 
-def resolve_paths(pattern: str, key: str = "data.path") -> list[str]:
-    """Files matching a glob or comma-separated globs, sorted, each once."""
+def domain_paths(pattern: str, key: str = "data.path", default: str = "") -> dict[str, list[str]]:
+    """{domain: files} of a glob or comma-separated globs, each file once, sorted. A glob may be
+    named, `wiki=/data/wiki/*.npy`, which names its files' domain; unnamed globs get `default`."""
     if not pattern.strip():
         raise DataError(f"{key} is empty; give a file, a glob, or comma-separated globs")
-    files: set[str] = set()
+    out: dict[str, set[str]] = {}
+    seen: dict[str, str] = {}
     for part in (p.strip() for p in pattern.split(",")):
+        name, sep, rest = part.partition("=")
+        domain, part = (name.strip(), rest.strip()) if sep and name.strip().isidentifier() else (default, part)
         matches = [m for m in glob.glob(os.path.expanduser(part), recursive=True)
                    if os.path.isfile(m)]
         if not matches:
             what = "does not exist" if not glob.has_magic(part) else "matches no file"
             raise DataError(f"{key}: {part!r} {what}; fix {key}")
-        files.update(os.path.abspath(m) for m in matches)
-    return sorted(files)
+        for m in map(os.path.abspath, matches):
+            if seen.setdefault(m, domain) != domain:
+                raise DataError(f"{key}: {m} is in two domains ({seen[m]}, {domain}); name each file once")
+            out.setdefault(domain, set()).add(m)
+    return {d: sorted(files) for d, files in sorted(out.items())}
+
+
+def resolve_paths(pattern: str, key: str = "data.path") -> list[str]:
+    """Files matching a glob or comma-separated (optionally named) globs, sorted, each once."""
+    return sorted({f for files in domain_paths(pattern, key).values() for f in files})
+
+
+def check_eval_path(cfg) -> None:
+    """data.eval_path: held-out files for npy and jsonl sources; the others have their own split."""
+    d = cfg.data
+    if d.eval_path and d.source not in ("npy", "jsonl"):
+        raise DataError(f"data.eval_path is for npy and jsonl sources; data.source={d.source} has its own "
+                        "held-out validation split (clear data.eval_path)")
+    if d.eval_path:
+        overlap = set(resolve_paths(d.path)) & set(resolve_paths(d.eval_path, "data.eval_path"))
+        if overlap:
+            raise DataError(f"data.eval_path and data.path share {sorted(overlap)[0]}: held-out files must "
+                            "not be trained on; remove it from one of them")
 
 
 # ----------------------------------------------------------------------------- npy
@@ -105,14 +130,21 @@ def open_token_file(path: str, dtype: str) -> Span:
 
 
 def npy_streams(cfg) -> dict[str, dict[str, list[Span]]]:
-    """{split: {"npy": [one span per file]}}; validation is the last 2% of each file."""
-    train, validation = [], []
-    for path in resolve_paths(cfg.data.path):
-        span = open_token_file(path, cfg.data.npy_dtype)
-        head, tail = span.split_at(len(span) - math.ceil(len(span) * NPY_VALIDATION_FRACTION))
-        train.append(head)
-        validation.append(tail)
-    return {"train": {"npy": train}, "validation": {"npy": validation}}
+    """{split: {domain: [one span per file]}}; domain "npy" unless the glob is named (domain_paths).
+
+    With data.eval_path, validation is those files and every data.path file trains whole;
+    else validation is the last 2% of each data.path file."""
+    d = cfg.data
+    opened = {dom: [open_token_file(p, d.npy_dtype) for p in files]
+              for dom, files in domain_paths(d.path, default="npy").items()}
+    if d.eval_path:
+        held_out = {dom: [open_token_file(p, d.npy_dtype) for p in files]
+                    for dom, files in domain_paths(d.eval_path, "data.eval_path", default="npy").items()}
+        return {"train": opened, "validation": held_out}
+    cut = {dom: [s.split_at(len(s) - math.ceil(len(s) * NPY_VALIDATION_FRACTION)) for s in spans]
+           for dom, spans in opened.items()}
+    return {"train": {dom: [h for h, _ in parts] for dom, parts in cut.items()},
+            "validation": {dom: [t for _, t in parts] for dom, parts in cut.items()}}
 
 
 def _check_token_ids(path: str, span: Span, vocab_size: int) -> None:
@@ -209,10 +241,14 @@ def text_documents(cfg, split: str) -> Iterator[tuple[str, str]]:
         from olmoe_jax.data import corpus  # pylint: disable=import-outside-toplevel  (imports TFDS)
         yield from corpus.read_split(cfg.data.data_dir, split)
     elif source == "jsonl":
-        for path in resolve_paths(cfg.data.path):
-            for domain, text in iter_jsonl(path, cfg.data.text_key):
-                if split_of(text) == split:
-                    yield domain, text
+        held_out = bool(cfg.data.eval_path)  # else 3% of documents by hash
+        pattern, key = (cfg.data.eval_path, "data.eval_path") if held_out and split == "validation" \
+            else (cfg.data.path, "data.path")
+        for default, paths in domain_paths(pattern, key, default="jsonl").items():
+            for path in paths:
+                for domain, text in iter_jsonl(path, cfg.data.text_key, default):
+                    if held_out or split_of(text) == split:
+                        yield domain, text
     elif source == "tfds":
         yield from iter_tfds(cfg, split)
     else:
@@ -226,13 +262,15 @@ def text_fingerprint(cfg) -> str:
         from olmoe_jax.data import corpus  # pylint: disable=import-outside-toplevel
         return f"builtin-{corpus.VERSION}-{corpus.python_tag()}"
     if d.source == "jsonl":
-        return f"jsonl-{files_fingerprint(d.path, d.text_key)}"
+        held_out = files_fingerprint(d.eval_path) if d.eval_path else ""
+        return f"jsonl-{files_fingerprint(d.path, d.text_key, held_out)}"
     return f"tfds-{stable_hash(json.dumps([d.path, d.text_key])):016x}"
 
 
 def files_fingerprint(pattern: str, *extra) -> str:
     """Changes when a matched file is added, removed, resized or rewritten (size, mtime)."""
-    stats = [(p, os.path.getsize(p), os.stat(p).st_mtime_ns) for p in resolve_paths(pattern)]
+    stats = [(d, p, os.path.getsize(p), os.stat(p).st_mtime_ns)
+             for d, paths in domain_paths(pattern).items() for p in paths]
     return f"{stable_hash(json.dumps([stats, *extra])):016x}"
 
 
@@ -254,12 +292,13 @@ def check_data(cfg) -> str:
             raise DataError(f"data.tokenizer_path={d.tokenizer_path!r}: no tokenizer.json there")
     if d.tokenizer == "sentencepiece" and d.tokenizer_path and not os.path.isfile(d.tokenizer_path):
         raise DataError(f"data.tokenizer_path={d.tokenizer_path!r} is not a file")
+    check_eval_path(cfg)
     if d.source == "builtin":
         from olmoe_jax.data import corpus  # pylint: disable=import-outside-toplevel
         where = default_data_dir(d.data_dir)
         return f"builtin corpus {corpus.VERSION} ({corpus.python_tag()}) in {where}"
     if d.source == "npy":
-        files = resolve_paths(d.path)
+        files = resolve_paths(d.path) + (resolve_paths(d.eval_path, "data.eval_path") if d.eval_path else [])
         tokens = 0
         for path in files:
             span = open_token_file(path, d.npy_dtype)

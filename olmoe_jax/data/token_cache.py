@@ -26,7 +26,8 @@ _ENCODE_BATCH = 512  # documents per encode call: large enough for the tokenizer
 def cache_dir(cfg, tokenizer: Tokenizer) -> str:
     """The folder for this data + tokenizer pair (token arrays, unigram entropies)."""
     if cfg.data.source == "npy":
-        name = f"npy-{sources.files_fingerprint(cfg.data.path, cfg.data.npy_dtype)}"
+        held_out = sources.files_fingerprint(cfg.data.eval_path) if cfg.data.eval_path else ""
+        name = f"npy-{sources.files_fingerprint(cfg.data.path, cfg.data.npy_dtype, held_out)}"
     else:
         name = sources.text_fingerprint(cfg)
     root = default_data_dir(cfg.data.data_dir)
