@@ -58,7 +58,7 @@ def run(args) -> int:
         raise UsageError(
             "--experiment applies to --hf sources; a --from workdir has its own config"
         )
-    _refuse_shape_overrides(args.overrides)
+    _refuse_shape_overrides(args.overrides, args.num_experts, args.top_k)
     if args.source:
         dense_cfg = load_config(args.source)
     else:
@@ -86,19 +86,22 @@ def run(args) -> int:
     return 0
 
 
-# The upcycled model copies the dense weights: keys that change a weight's shape (or which
-# weights exist) cannot be overridden; experts and top-k come from --num-experts / --top-k.
-_SHAPE_KEYS = frozenset({
-    "vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "ffn_type",
-    "mlp_dim", "num_experts", "expert_dim", "num_shared_experts", "norm_type", "qk_norm",
-    "tie_embeddings",
-})
+def _refuse_shape_overrides(overrides, num_experts: int, top_k: int) -> None:
+    """The upcycled model copies the dense weights, so no --set may change a weight's shape or
+    which weights exist (found by loop.param_shape_changes on an upcycled default model, before
+    the source is read); experts and top-k come from --num-experts / --top-k."""
+    # pylint: disable=import-outside-toplevel
+    from olmoe_jax.config import apply_overrides, default_config
+    from olmoe_jax.interop.upcycle import upcycle_config
+    from olmoe_jax.train.loop import param_shape_changes
 
-
-def _refuse_shape_overrides(overrides) -> None:
+    dense = default_config()
+    dense.model.ffn_type = "dense"
+    base = upcycle_config(dense, num_experts=num_experts, top_k=top_k, norm_topk_prob=False)
     for assignment in overrides:
-        key = assignment.split("=", 1)[0].strip()
-        if key.startswith("model.") and key[len("model."):] in _SHAPE_KEYS:
+        changed = apply_overrides(base.copy_and_resolve_references(), [assignment])
+        if param_shape_changes(base, changed, dtypes=False):  # upcycle casts to param_dtype
+            key = assignment.split("=", 1)[0].strip()
             raise UsageError(
                 f"--set {key}: upcycling copies the dense weights, so their shapes come from the "
                 "source; use --num-experts / --top-k for the experts, and --set only for "

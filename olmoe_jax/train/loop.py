@@ -86,12 +86,35 @@ def workdir_mode(cfg, workdir) -> str:
         if changed & SCHEDULE_KEYS:
             _check_schedule_change(old, cfg, max(full), workdir)
         return "resume"
-    shapes = lambda c: jax.tree.map(lambda s: (s.shape, s.dtype), transformer.abstract_params(c))  # noqa: E731
-    if shapes(old) != shapes(cfg):
-        diff = [d for d in config_diff(old, cfg) if d.startswith("model.")]
+    diff = param_shape_changes(old, cfg)
+    if diff:
         raise ConfigError(f"the params checkpoint in {workdir} does not fit this model: "
                           + "; ".join(diff) + ". Set these model keys to the checkpoint's values")
     return "params"
+
+
+def param_shape_changes(old: ml_collections.ConfigDict, new: ml_collections.ConfigDict, *,
+                        dtypes: bool = True) -> list[str]:
+    """The model keys ('key: old -> new') whose change makes params of `old` not fit `new`
+    (another shape, set of weights, or with `dtypes` dtype), found by applying each change
+    alone to `old`; [] when the params fit. The one source for every "these keys would change
+    the weights" check (resuming from a params checkpoint, upcycling)."""
+    def _param_shapes(cfg):
+        return jax.tree.map(lambda s: (s.shape, s.dtype) if dtypes else s.shape, transformer.abstract_params(cfg))
+
+    ref = _param_shapes(old)
+    model_diff = [d for d in config_diff(old, new) if d.startswith("model.")]
+    out = []
+    for d in model_diff:
+        key = d.split(":")[0].split(".")[1]
+        probe = ml_collections.ConfigDict(old.to_dict())
+        with probe.model.ignore_type():
+            probe.model[key] = new.model[key]
+        if _param_shapes(probe) != ref:
+            out.append(d)
+    if not out and _param_shapes(new) != ref:
+        return model_diff  # only changes together alter the weights: name them all
+    return out
 
 
 def _check_schedule_change(old, cfg, done: int, workdir) -> None:

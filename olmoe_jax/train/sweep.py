@@ -92,6 +92,12 @@ def _plan_record(runs: Sequence[Run]) -> list[dict[str, Any]]:
     return [{"id": r.id, "experiment": r.experiment, "overrides": list(r.overrides)} for r in runs]
 
 
+def _writer() -> bool:
+    """Only process 0 writes the sweep's own files (every process of a multi-host run trains)."""
+    import jax  # pylint: disable=import-outside-toplevel
+    return jax.process_index() == 0
+
+
 def write_plan(out, runs: Sequence[Run]) -> None:
     """Writes sweep.json, or ConfigError if `out` holds a different sweep."""
     path = Path(out) / PLAN
@@ -102,6 +108,8 @@ def write_plan(out, runs: Sequence[Run]) -> None:
             raise ConfigError(f"{out} holds a different sweep ({len(old)} runs: "
                               f"{', '.join(r['id'] for r in old[:4])}{', ...' if len(old) > 4 else ''}); "
                               "use another --out, or the same command as before")
+        return
+    if not _writer():
         return
     record = {"runs": plan, "configs": {r.id: r.cfg.to_dict() for r in runs}}
     atomic_write_text(path, json.dumps(record, indent=1, sort_keys=True) + "\n")
@@ -142,10 +150,10 @@ def run_sweep(out, runs: Sequence[Run], train_fn: Callable[[Any, str], dict], *,
         cfg.train.workdir = wd
         log(f"sweep {out}: run {i}/{len(runs)} {run.id}" + (f" (resuming at step {step})" if step else ""))
         summary = train_fn(cfg, wd)
-        atomic_write_text(os.path.join(wd, RESULT), json.dumps(summary, default=float, indent=1) + "\n")
-        write_summary(out, runs)
-    rows = write_summary(out, runs)
-    return rows
+        if _writer():
+            atomic_write_text(os.path.join(wd, RESULT), json.dumps(summary, default=float, indent=1) + "\n")
+            write_summary(out, runs)
+    return write_summary(out, runs) if _writer() else summary_rows(out, runs)
 
 
 def _records(wd: str) -> list[dict]:
