@@ -170,7 +170,7 @@ def _finite(x) -> bool:
 
 def summary_rows(out, runs: Sequence[Run]) -> list[dict[str, Any]]:
     """One row per run: state, step, final validation loss per domain (nats/token) and their mean,
-    final train loss, tokens/s of the last session, wall seconds of all sessions, diverged
+    final train loss, tokens/s of the last session that trained, wall seconds of all sessions, diverged
     (a non-finite train or validation loss anywhere), the loss curve [(step, loss)]."""
     rows = []
     for run in runs:
@@ -182,7 +182,8 @@ def summary_rows(out, runs: Sequence[Run]) -> list[dict[str, Any]]:
         val = evals[-1]["val_loss"] if evals else {}
         diverged = any(not _finite(loss) for _, loss in train) or any(
             not _finite(v) for r in evals for v in r["val_loss"].values())
-        last = sessions[-1] if sessions else {}
+        timed = [r for r in sessions if r.get("tokens_per_s")]  # a session with steps to time
+        last = timed[-1] if timed else {}
         rows.append({
             "id": run.id, "experiment": run.experiment, "overrides": list(run.overrides), "state": state,
             "step": step, "steps": run.cfg.train.steps, "val_loss": val,
