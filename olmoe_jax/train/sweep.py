@@ -170,13 +170,14 @@ def _finite(x) -> bool:
 
 def summary_rows(out, runs: Sequence[Run]) -> list[dict[str, Any]]:
     """One row per run: state, step, final validation loss per domain (nats/token) and their mean,
-    final train loss, tokens/s of the last session that trained, wall seconds of all sessions, diverged
-    (a non-finite train or validation loss anywhere), the loss curve [(step, loss)]."""
+    final training cross-entropy, tokens/s of the last session that trained, wall seconds of all sessions, diverged
+    (a non-finite train or validation loss anywhere), the curve [(step, cross-entropy)]."""
     rows = []
     for run in runs:
         state, step = run_state(out, run)
         records = _records(workdir(out, run))
-        train = [(r["step"], r["loss"]) for r in records if r.get("kind") == "train"]
+        # Cross-entropy, not the total: arms with other router-loss weights compare fairly.
+        train = [(r["step"], r.get("ce_loss", r["loss"])) for r in records if r.get("kind") == "train"]
         evals = [r for r in records if r.get("kind") == "eval"]
         sessions = [r for r in records if r.get("kind") == "summary"]
         val = evals[-1]["val_loss"] if evals else {}
@@ -188,7 +189,7 @@ def summary_rows(out, runs: Sequence[Run]) -> list[dict[str, Any]]:
             "id": run.id, "experiment": run.experiment, "overrides": list(run.overrides), "state": state,
             "step": step, "steps": run.cfg.train.steps, "val_loss": val,
             "val_loss_mean": sum(val.values()) / len(val) if val else None,
-            "train_loss": train[-1][1] if train else None, "tokens_per_s": last.get("tokens_per_s"),
+            "train_ce": train[-1][1] if train else None, "tokens_per_s": last.get("tokens_per_s"),
             "wall_s": sum(r.get("wall_s") or 0.0 for r in sessions), "diverged": diverged, "curve": train,
         })
     return rows
@@ -212,7 +213,7 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def plot_curves(rows: Sequence[dict[str, Any]], path: str) -> None:
-    """Training loss against step, one line per run, overlaid (PNG)."""
+    """Training cross-entropy against step, one line per run, overlaid (PNG)."""
     import matplotlib  # pylint: disable=import-outside-toplevel
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
@@ -223,7 +224,7 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: str) -> None:
             steps, losses = zip(*r["curve"])
             ax.plot(steps, losses, label=r["id"], linewidth=1.2)
     ax.set_xlabel("step")
-    ax.set_ylabel("training loss (nats/token)")
+    ax.set_ylabel("training cross-entropy (nats/token)")
     ax.grid(alpha=0.3)
     if any(r["curve"] for r in rows):
         ax.legend(fontsize=7)
