@@ -37,7 +37,9 @@ def test_unknown_command(capsys):
 def test_experiments_listing_and_params(capsys):
     code, out, _ = _run(capsys, "experiments")
     assert code == 0
-    assert {line.split()[0] for line in out.splitlines()} >= {"olmoe_1b7b", "dense_1b", "tiny_moe", "tiny_dense"}
+    entries = {line.split()[0] for line in out.splitlines() if line.startswith("  ")}  # under family headers
+    assert entries >= {"olmoe_1b7b", "dense_1b", "tiny_moe", "tiny_dense", "granularity/e32k4-tiny"}
+    assert "granularity: " in out
     code, out, _ = _run(capsys, "experiments", "--params", "olmoe_1b7b")
     assert code == 0 and "total 6,919,161,856" in out and "active per token 1,282,017,280" in out
     code, out, _ = _run(capsys, "experiments", "--config", "tiny_moe", "--set", "model.num_experts=32")
