@@ -1,6 +1,7 @@
 """The experiment registry: a name -> a function returning a complete, validated ConfigDict.
 
-Every module of this package is a family (its module name), found by walking the package:
+Every module of this package that registers experiments is a family (its module name), found
+by walking the package (modules such as reproduce.py, which register none, are tools):
 olmoe_1b7b (the paper's model and recipe), tiny (the CPU-scale main job) and one module per
 ablation of the paper (granularity, lb_loss, ...). Modules whose name starts with "_" hold
 shared helpers. A family registers its experiments with `@register` (the function name is
@@ -61,7 +62,8 @@ def _load() -> None:
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
         if not info.name.startswith("_"):
             mod = importlib.import_module(f"{__name__}.{info.name}")
-            _FAMILY_DOCS[info.name] = (mod.__doc__ or "").strip().splitlines()[0] if mod.__doc__ else ""
+            if any(e.family == info.name for e in _REGISTRY.values()):  # tools (reproduce) register none
+                _FAMILY_DOCS[info.name] = (mod.__doc__ or "").strip().splitlines()[0] if mod.__doc__ else ""
 
 
 def names() -> list[str]:
