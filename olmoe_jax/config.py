@@ -105,6 +105,8 @@ def default_config() -> ml_collections.ConfigDict:
     t.microbatches = 1  # gradient accumulation: the batch runs in this many sequential slices
     t.keep_every = 0  # >0: checkpoints at multiples of this step are kept beyond keep_ckpts
     t.workdir = ""
+    t.nonfinite = "skip"  # a step with a NaN/Inf loss or gradient: skip | stop (update not applied either way)
+    t.max_skips = 5  # nonfinite=skip: stop after more than this many such steps in a row
 
     mesh = c.mesh = ml_collections.ConfigDict()
     mesh.data = -1  # -1: every device not used by the other axes
@@ -131,6 +133,7 @@ _CHOICES = {
     "data.npy_dtype": ("uint16", "uint32"),
     "data.tokenizer": ("sentencepiece", "hf", "none"),
     "optim.schedule": ("cosine", "linear", "constant"),
+    "train.nonfinite": ("skip", "stop"),
 }
 
 _POSITIVE = (
@@ -145,6 +148,7 @@ _NON_NEGATIVE = (
     "model.z_loss_weight", "model.init_std", "model.ce_chunks", "model.norm_eps", "optim.lr", "optim.weight_decay",
     "optim.clip_norm", "optim.warmup_steps", "optim.decay_steps", "optim.anneal_start_step",
     "optim.anneal_steps", "data.eval_batches", "data.num_workers", "train.keep_every",
+    "train.max_skips",
 )
 
 

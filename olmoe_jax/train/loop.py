@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from pathlib import Path
 from typing import Any, Iterator
 
 import jax
@@ -23,15 +22,19 @@ from olmoe_jax.model import transformer
 from olmoe_jax.parallel.mesh import make_mesh
 from olmoe_jax.train import checkpoint as ckpt_lib
 from olmoe_jax.train import metrics as metrics_lib
+from olmoe_jax.train import preemption
 from olmoe_jax.train import step as step_lib
 from olmoe_jax.train.optimizer import first_schedule_difference, schedule_length
 
-# Keys that may change between a run and its resumption: how long and how often, not what;
-# and the anneal (the recipe's last phase), as long as the updates already done keep their lr.
+# Keys that may change between a run and its resumption: how long, how often, where and on
+# which mesh (Orbax reshards the state; data.batch_size, global, stays, so the data iterator's
+# position means the same batches), not what is trained; and the anneal (the recipe's last
+# phase), as long as the updates already done keep their lr. Changes are recorded in metrics.jsonl.
 SCHEDULE_KEYS = frozenset({"optim.anneal_start_step", "optim.anneal_steps", "optim.decay_steps"})
 RESUMABLE_KEYS = frozenset({
     "train.steps", "train.log_every", "train.eval_every", "train.ckpt_every", "train.keep_ckpts",
-    "train.keep_every", "train.workdir",
+    "train.keep_every", "train.workdir", "train.nonfinite", "train.max_skips", "train.microbatches",
+    "mesh.data", "mesh.fsdp", "mesh.expert", "mesh.tensor",
 }) | SCHEDULE_KEYS
 
 
@@ -67,7 +70,7 @@ def workdir_mode(cfg, workdir) -> str:
     ConfigError, before anything is written, when resuming would change anything but the
     cadence keys (RESUMABLE_KEYS), or when the params checkpoint's shapes do not fit cfg.
     """
-    wd = Path(workdir)
+    wd = ckpt_lib.workdir_path(workdir)
     if wd.exists() and not wd.is_dir():
         raise ConfigError(f"workdir {workdir} is a file; pass a directory with --workdir")
     steps = ckpt_lib.checkpoint_steps(workdir)
@@ -163,10 +166,11 @@ def train_on(cfg, workdir, data: Data) -> dict[str, Any]:
     ckpt = ckpt_lib.Checkpointer(workdir, keep=t.keep_ckpts, save_every=t.ckpt_every,
                                  keep_every=t.keep_every or None)
     writer = None
+    changes: list[str] = []
     try:
-        latest = ckpt.latest_step()  # not None when mode == "resume"
         if mode == "resume":
-            state = ckpt.restore(latest, step_lib.abstract_state(cfg, shardings), data.train_iter)
+            changes = config_diff(ckpt_lib.load_config(workdir), cfg)  # only RESUMABLE_KEYS here
+            _, state = ckpt.restore_latest(step_lib.abstract_state(cfg, shardings), data.train_iter)
         elif mode == "params":
             params = ckpt_lib.load_params(workdir, shardings=shardings.params)
             state = step_lib.state_from_params(cfg, params, shardings)
@@ -175,14 +179,17 @@ def train_on(cfg, workdir, data: Data) -> dict[str, Any]:
         ckpt_lib.save_config(workdir, cfg)
         writer = metrics_lib.MetricsWriter(workdir, total_steps=t.steps,
                                            start_step=int(jax.device_get(state.step)))
-        return _loop(cfg, workdir, data, mesh, shardings, state, ckpt, writer, t_start)
+        if changes:
+            writer.record({"kind": "config_change", "step": int(jax.device_get(state.step)), "changes": changes})
+        with preemption.PreemptionWatch() as watch:
+            return _loop(cfg, workdir, data, mesh, shardings, state, ckpt, writer, t_start, watch)
     finally:  # also on a crash mid-run: the progress bar and metric files are closed
         if writer is not None:
             writer.close()
         ckpt.close()
 
 
-def _loop(cfg, workdir, data: Data, mesh, shardings, state, ckpt, writer, t_start) -> dict[str, Any]:
+def _loop(cfg, workdir, data: Data, mesh, shardings, state, ckpt, writer, t_start, watch) -> dict[str, Any]:
     t = cfg.train
     train_step = step_lib.make_train_step(cfg, mesh, shardings)
     eval_step = step_lib.make_eval_step(cfg, mesh, shardings.params)
@@ -206,6 +213,7 @@ def _loop(cfg, workdir, data: Data, mesh, shardings, state, ckpt, writer, t_star
     paused = 0.0  # seconds of evaluation and checkpointing inside the current log interval
     scalars: dict[str, float] = {}
     val: dict[str, float] = {}
+    skips = _Skips(t)
     for s in range(start + 1, t.steps + 1):
         try:
             host_batch = next(data.train_iter)
@@ -215,11 +223,16 @@ def _loop(cfg, workdir, data: Data, mesh, shardings, state, ckpt, writer, t_star
                             "lower train.steps or add data") from None
         state, m = train_step(state, step_lib.global_batch(host_batch, mesh))
         pending.append(m)
+        skips.add(s, m)
+        ckpt.poll()
+        log_now = t_log is not None and (s % t.log_every == 0 or s == t.steps)
         if t_log is None:  # the first step compiles: start the clock after it
             jax.block_until_ready(m)
             t_log, last_log, pending = time.perf_counter(), s, []
-        elif s % t.log_every == 0 or s == t.steps:
-            scalars, layers = metrics_lib.summarize(pending)  # device_get: waits for the steps
+        elif log_now:
+            skipped = skips.check()  # device_get: waits for the steps
+            scalars, layers = metrics_lib.summarize(skips.finite(pending))
+            scalars.update(skipped_steps=skipped, skipped_total=skips.total)
             now = time.perf_counter()
             n, dt = s - last_log, now - t_log - paused
             timed_steps, timed_s = timed_steps + n, timed_s + dt
@@ -228,15 +241,26 @@ def _loop(cfg, workdir, data: Data, mesh, shardings, state, ckpt, writer, t_star
                            eta_s=(t.steps - s) * dt / n, step_s=dt / n)
             writer.train(s, scalars, layers)
             t_log, last_log, pending, paused = now, s, [], 0.0
+        if watch.should_stop(s, sync_point=log_now):
+            skips.check()  # a skipped-step limit passed before the signal still stops with its error
+            ckpt.save(s, state, data.train_iter, force=True)
+            ckpt.close()  # bounded exit: the write and its manifest finish here
+            writer.message(f"stopped by {watch.signal_name} after step {s}; saved it in {workdir}. "
+                           "Run the same command to resume")
+            writer.record({"kind": "preempted", "step": s, "signal": watch.signal_name})
+            return {"step": s, "start_step": start, "preempted": watch.signal_name,
+                    "wall_s": time.perf_counter() - t_start}
         do_eval = s % t.eval_every == 0 and s != t.steps and bool(data.eval_batches)
         if do_eval or ckpt.should_save(s):
             # Let the dispatched train steps finish first, so only eval / save time is paused.
             jax.block_until_ready(state)
+            skips.check()  # never save after a step that must stop the run
             t0 = time.perf_counter()
             if do_eval:
                 writer.eval(s, evaluate(eval_step, state.params, data.eval_batches, mesh))
             ckpt.save(s, state, data.train_iter)
             paused += time.perf_counter() - t0
+    skips.check()
     ckpt.save(int(jax.device_get(state.step)), state, data.train_iter, force=True)
     if data.eval_batches:
         val = evaluate(eval_step, state.params, data.eval_batches, mesh)
@@ -251,4 +275,43 @@ def _loop(cfg, workdir, data: Data, mesh, shardings, state, ckpt, writer, t_star
     }
     writer.record({"kind": "summary", **summary})
     return summary
+
+
+class _Skips:
+    """train.nonfinite applied on the host: each step's `nonfinite` flag stays on the device
+    until the loop syncs anyway (log and checkpoint steps, the end), so no step waits for it."""
+
+    def __init__(self, t):
+        self._t = t
+        self._flags: list[tuple[int, Any]] = []
+        self.total = 0
+        self.run = 0  # consecutive skipped steps up to the last checked one
+
+    def add(self, step: int, metrics: dict) -> None:
+        self._flags.append((step, metrics["nonfinite"]))
+
+    def check(self) -> int:
+        """Reads the unchecked flags; returns how many of those steps were skipped. Raises
+        NonFiniteError when train.nonfinite=stop or the run of skips exceeds train.max_skips."""
+        flags, self._flags = jax.device_get(self._flags), []
+        skipped = 0
+        for step, bad in flags:
+            if not bad:
+                self.run = 0
+                continue
+            skipped, self.total, self.run = skipped + 1, self.total + 1, self.run + 1
+            if self._t.nonfinite == "stop" or self.run > self._t.max_skips:
+                why = ("train.nonfinite=stop" if self._t.nonfinite == "stop"
+                       else f"{self.run} in a row exceed train.max_skips={self._t.max_skips}")
+                raise step_lib.NonFiniteError(
+                    f"step {step} had a non-finite loss or gradient ({why}); its update was not applied "
+                    "and nothing after it was saved, so the newest checkpoint is the last good state. "
+                    "Look at the data near that step, lower optim.lr, or set train.nonfinite=skip")
+        return skipped
+
+    @staticmethod
+    def finite(pending: list[dict]) -> list[dict]:
+        """The steps' metrics without the skipped ones (their loss is NaN); all if none is left."""
+        kept = [m for m in pending if not int(jax.device_get(m["nonfinite"]))]
+        return kept or pending
 

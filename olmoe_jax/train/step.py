@@ -17,11 +17,17 @@ import ml_collections
 import optax
 from jax.sharding import Mesh, NamedSharding
 
+from olmoe_jax.config import ConfigError
 from olmoe_jax.model import losses, transformer
 from olmoe_jax.parallel import rules
 from olmoe_jax.train import state as state_lib
 from olmoe_jax.train.optimizer import make_optimizer, make_schedule
 from olmoe_jax.train.state import TrainState
+
+
+class NonFiniteError(ConfigError):
+    """Training stopped on a non-finite loss or gradient (train.nonfinite); the message names
+    the step and what to change."""
 
 
 def frozen(cfg) -> ml_collections.FrozenConfigDict:
@@ -130,16 +136,27 @@ def train_step(state: TrainState, batch, cfg, mesh: Mesh | None = None) -> tuple
     """One AdamW update on a batch {inputs, targets int32 [B, T], loss_mask float32 [B, T]}.
 
     metrics: loss, ce_loss (nats/token), tokens (loss-mask sum), grad_norm (global L2 norm
-    before clipping), lr (of this update), and for MoE models lb_loss, z_loss, their
-    per-layer values [L], expert_load [L, E] (share of routed slots per expert) and
-    dropped_frac [L]. mesh: the mesh the step is sharded over (static; activation constraints
-    and expert parallelism), or None on one device.
+    before clipping), lr (of this update), nonfinite (int32 1 when the step was skipped), and
+    for MoE models lb_loss, z_loss, their per-layer values [L], expert_load [L, E] (share of
+    routed slots per expert) and dropped_frac [L]. mesh: the mesh the step is sharded over
+    (static; activation constraints and expert parallelism), or None on one device.
+
+    A non-finite loss or gradient norm skips the update: params and optimizer state (Adam's
+    count included) stay as they were, while `step` advances with the data iterator, which has
+    consumed the batch; the loop applies train.nonfinite (skip or stop) when it next syncs.
     """
     tx = make_optimizer(cfg)
     metrics, grads = loss_and_grads(state.params, batch, cfg, mesh)
+    loss = metrics["loss"]
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=make_schedule(cfg)(state.step))
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # A select, not lax.cond: both branches' buffers exist anyway, and it fuses into the update.
+    params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                     (params, opt_state), (state.params, state.opt_state))
+    metrics = dict(metrics, grad_norm=grad_norm, lr=make_schedule(cfg)(state.step),
+                   nonfinite=(~finite).astype(jnp.int32))
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
