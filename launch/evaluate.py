@@ -51,7 +51,8 @@ def _steps(args) -> list[int]:
     for s in args.step:
         if s not in have:
             raise UsageError(f"--step {s}: {args.workdir} has checkpoints at steps {have}")
-    return sorted(set(args.step)) or have[-1:]
+    # Default: the newest intact step (a step failing its checksums is named and skipped).
+    return sorted(set(args.step)) or [checkpoint.newest_intact_step(args.workdir)]
 
 
 def _write(args, name: str, step: int, results: dict) -> str:

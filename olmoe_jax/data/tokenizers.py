@@ -106,13 +106,19 @@ def train_sentencepiece(texts: Sequence[str], vocab_size: int) -> bytes:
     return model.getvalue()
 
 
+def builtin_sentencepiece_path(vocab_size: int, data_dir: str = "") -> str:
+    """Where builtin_sentencepiece caches its model (the file may not exist yet)."""
+    from olmoe_jax.data import corpus  # pylint: disable=import-outside-toplevel  (TFDS: builtin only)
+    return os.path.join(default_data_dir(data_dir), "tokenizers",
+                        f"spm-{corpus.VERSION}-{corpus.python_tag()}-{vocab_size}.model")
+
+
 def builtin_sentencepiece(vocab_size: int, data_dir: str = "") -> SentencePieceTokenizer:
     """The SentencePiece model of the built-in corpus's train split, trained once and cached
-    as <data_dir>/tokenizers/spm-<corpus version>-<python>-<vocab_size>.model."""
-    from olmoe_jax.data import corpus  # pylint: disable=import-outside-toplevel  (TFDS: builtin only)
+    at builtin_sentencepiece_path(vocab_size, data_dir)."""
+    path = builtin_sentencepiece_path(vocab_size, data_dir)
     data_dir = default_data_dir(data_dir)
-    path = os.path.join(data_dir, "tokenizers",
-                        f"spm-{corpus.VERSION}-{corpus.python_tag()}-{vocab_size}.model")
+    from olmoe_jax.data import corpus  # pylint: disable=import-outside-toplevel  (TFDS: builtin only)
     if not os.path.exists(path):
         with file_lock(data_dir, "tokenizer"):
             if not os.path.exists(path):

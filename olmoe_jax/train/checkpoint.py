@@ -317,6 +317,11 @@ def save_params(workdir, params, cfg, step: int = 0) -> None:
         integrity.write_manifest(_ckpt_dir(workdir) / str(step))
 
 
+def newest_intact_step(workdir) -> int:
+    """The step a read without an explicit step uses (skipped steps named on stderr)."""
+    return _restore_newest(workdir, lambda s: None)[0]
+
+
 def load_params(workdir, step: int | None = None, *, shardings: Any = None):
     """Params from a params-only or a full training checkpoint (the newest intact one when step
     is None): `load_params_and_step(...)[1]`."""
