@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import ml_collections
 
 from olmoe_jax.config import ConfigError, apply_overrides, from_json, validate
+from olmoe_jax.train.paths import workdir_path
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, *, experiment_required: bool = False) -> None:
@@ -25,7 +25,7 @@ def resolve_config(experiment: str | None, overrides: list[str],
     """
     import experiments  # pylint: disable=import-outside-toplevel
 
-    saved = Path(workdir) / "config.json" if workdir else None
+    saved = workdir_path(workdir) / "config.json" if workdir else None
     if experiment:
         cfg = experiments.get(experiment)
     elif saved is not None and saved.exists():

@@ -33,17 +33,10 @@ from etils import epath
 from olmoe_jax.config import ConfigError, from_json
 from olmoe_jax.model import transformer
 from olmoe_jax.train import integrity
+from olmoe_jax.train.paths import is_remote, workdir_path
 
 CONFIG_FILE = "config.json"
 CHECKPOINTS = "checkpoints"
-
-
-def workdir_path(workdir) -> epath.Path:
-    """The workdir as an epath.Path: `gs://...` keeps its scheme, local paths become absolute."""
-    text = os.fspath(workdir)
-    if "://" in text:
-        return epath.Path(text)
-    return epath.Path(os.path.abspath(text))
 
 
 def _ckpt_dir(workdir) -> epath.Path:
@@ -63,7 +56,7 @@ def save_config(workdir, cfg: ml_collections.ConfigDict) -> None:
     path = workdir_path(workdir) / CONFIG_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     text = cfg.to_json(indent=2, sort_keys=True) + "\n"
-    if str(path).startswith("/"):
+    if not is_remote(path):
         tmp = path.parent / (CONFIG_FILE + ".tmp")
         tmp.write_text(text)
         os.replace(str(tmp), str(path))  # a crash mid-write never leaves a half-written config

@@ -26,6 +26,8 @@ from typing import NamedTuple
 
 from etils import epath
 
+from olmoe_jax.train.paths import is_remote
+
 MANIFEST = "manifest.sha256.json"
 ORBAX_DONE = "_CHECKPOINT_METADATA"  # written by Orbax when it finalises a step
 _CHUNK = 8 << 20
@@ -82,7 +84,7 @@ def write_manifest(step_dir) -> int:
             "files": {n: {"size": size, "sha256": digest} for n, (size, digest) in hashed.items()}}
     text = json.dumps(body, indent=1, sort_keys=True) + "\n"
     final = step_dir / MANIFEST
-    if str(final).startswith("/"):  # local: a crash mid-write never leaves half a manifest
+    if not is_remote(final):  # local: a crash mid-write never leaves half a manifest
         tmp = step_dir / (MANIFEST + ".tmp")
         tmp.write_text(text)
         os.replace(str(tmp), str(final))

@@ -18,7 +18,6 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -27,6 +26,7 @@ import numpy as np
 
 from olmoe_jax.config import head_dim
 from olmoe_jax.model import transformer
+from olmoe_jax.train import paths
 
 
 def model_flops_per_token(cfg) -> float:
@@ -96,9 +96,9 @@ class MetricsWriter:
         if not self._on:
             return
         from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-        workdir = Path(workdir)
+        workdir = paths.workdir_path(workdir)  # gs:// too
         workdir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        self._jsonl = paths.open_append(workdir / "metrics.jsonl")
         self._tb = SummaryWriter(str(workdir / "tb"))
         self._bar = None
         if sys.stderr.isatty():

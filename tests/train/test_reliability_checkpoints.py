@@ -195,3 +195,23 @@ def test_gs_workdir_keeps_its_scheme():
     assert str(wd / "config.json") == "gs://bucket/run/config.json"
     local = checkpoint.workdir_path("runs/x")
     assert str(local) == os.path.join(os.getcwd(), "runs", "x")
+
+
+def test_object_store_appender_rewrites_whole_objects(tmp_path):
+    """metrics.jsonl on gs:// (no append there): the object is rewritten with every line so far,
+    at most every every_s seconds and on close. Exercised on a local epath."""
+    from etils import epath  # pylint: disable=import-outside-toplevel
+
+    from olmoe_jax.train import paths  # pylint: disable=import-outside-toplevel
+
+    path = epath.Path(tmp_path / "metrics.jsonl")
+    path.write_text('{"old": 1}\n')
+    out = paths.ObjectAppender(path, every_s=3600)
+    out.write('{"a": 1}\n')
+    out.flush()  # the first flush writes; the next ones wait every_s
+    out.write('{"b": 2}\n')
+    out.flush()
+    assert path.read_text() == '{"old": 1}\n{"a": 1}\n'
+    out.close()
+    assert path.read_text() == '{"old": 1}\n{"a": 1}\n{"b": 2}\n'
+    assert paths.is_remote("gs://b/run") and not paths.is_remote(str(tmp_path))
