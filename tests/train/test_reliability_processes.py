@@ -1,6 +1,6 @@
 """`olmoe train` in subprocesses: SIGTERM mid-run saves that step and exits 0, and the resumed
 run's losses equal an uninterrupted run's bit for bit; a second signal stops at once; a run
-resumes on 8, then 4, then 1 device(s)."""
+resumes on 8, then 4, then 1 device(s); two jax.distributed processes save the same step."""
 from __future__ import annotations
 
 import json
@@ -136,3 +136,44 @@ def test_resume_on_8_then_4_then_1_devices(npy, tmp_path):
     np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(got)], rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                  jax.device_get(checkpoint.load_params(wd)), jax.device_get(checkpoint.load_params(ref_wd)))
+
+
+def _two_processes(wd):
+    port = random.Random().randint(20_000, 40_000)
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, here]))
+    return [subprocess.Popen([sys.executable, os.path.join(here, "two_process_train.py"), str(i), str(port), wd],
+                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for i in (0, 1)]
+
+
+def _summaries(procs):
+    out = []
+    for p in procs:
+        stdout, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+        out.append(json.loads(stdout.split("SUMMARY ")[-1]))
+    return out
+
+
+def test_two_processes_agree_on_the_step_to_save(tmp_path):
+    """jax.distributed on localhost: SIGTERM to process 1 only (jax's preemption service), then,
+    resumed, SIGINT to process 0 only (flags compared at log steps): both processes save the
+    same step and exit 0."""
+    wd = str(tmp_path / "two")
+    procs = _two_processes(wd)
+    _wait_for_step(procs[0], wd, 3)
+    procs[1].send_signal(signal.SIGTERM)
+    first = _summaries(procs)
+    assert first[0] == {**first[1], "wall_s": first[0]["wall_s"]} and first[0]["preempted"] == "SIGTERM"
+    saved = first[0]["step"]
+    assert checkpoint.checkpoint_steps(wd) == [saved]
+    assert integrity.verify(os.path.join(wd, "checkpoints", str(saved))).status == "ok"
+
+    procs = _two_processes(wd)
+    _wait_for_step(procs[0], wd, saved + 2)
+    procs[0].send_signal(signal.SIGINT)
+    second = _summaries(procs)
+    assert [s["start_step"] for s in second] == [saved, saved]
+    assert second[0]["step"] == second[1]["step"] > saved and second[0]["preempted"] == "SIGINT"
+    assert checkpoint.checkpoint_steps(wd) == [saved, second[0]["step"]]
