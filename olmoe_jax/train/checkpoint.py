@@ -216,7 +216,7 @@ class Checkpointer:
             items["data"] = grain.checkpoint.CheckpointSave(data_iter)
         # Our own cadence decides; Orbax's interval policy would also save the first step.
         wrote = self._mgr.save(step, args=ocp.args.Composite(**items), force=True)
-        if wrote:
+        if wrote and self._sealer is not None:  # process 0 hashes every process's files
             self._unsealed.append(step)
         return wrote
 
@@ -229,8 +229,7 @@ class Checkpointer:
         if self._sealing is None and self._unsealed:
             self._mgr.wait_until_finished()
             steps, self._unsealed = self._unsealed, []
-            if self._sealer is not None:  # process 0 hashes every process's files
-                self._sealing = self._sealer.submit(self._write_manifests, steps)
+            self._sealing = self._sealer.submit(self._write_manifests, steps)
         if wait and self._sealing is not None:
             self._sealing.result()
             self._sealing = None
