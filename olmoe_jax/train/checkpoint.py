@@ -204,13 +204,17 @@ class Checkpointer:
             return False
         self._seal(wait=True)  # the previous step is final before Orbax starts the next
         if step in self._mgr.all_steps():
-            status = integrity.verify(self._dir / str(step))
-            if status.usable and "state" in step_items(self._workdir, step):
+            self._mgr.wait_until_finished()  # every process: a save of this step may be in flight
+            # Process 0 judges the step and every process acts alike (collective save or move).
+            status = integrity.verify(self._dir / str(step)) if jax.process_index() == 0 else None
+            verdict = _agreed(-1 if status is None else (
+                (0 if "state" in step_items(self._workdir, step) else 1) if status.usable else 2))
+            if verdict == 0:
                 return False  # already saved (e.g. the end of a run that stopped on a save step)
-            if status.usable:
+            if verdict == 1:
                 raise ConfigError(f"{self._dir / str(step)} already holds a params-only "
                                   "checkpoint; move it away or train in another workdir")
-            self._move_aside(step, status.reason)
+            self._move_aside(step, status.reason if status is not None else "")
         items = {"state": ocp.args.StandardSave(state)}
         if data_iter is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iter)
