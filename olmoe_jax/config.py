@@ -403,7 +403,11 @@ def apply_overrides(cfg: ml_collections.ConfigDict, assignments: Sequence[str]) 
 
 
 def from_json(text: str, source: str) -> ml_collections.ConfigDict:
-    """A config saved as JSON, checked against the schema (unknown or missing keys are errors)."""
+    """A config saved as JSON, checked against the schema (unknown keys are errors).
+
+    A key the file lacks takes its default: keys are added with defaults that keep the earlier
+    behaviour (train.microbatches=1, model.moe_every=1, ...), so a workdir written before a key
+    existed still loads and resumes."""
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as e:
@@ -419,7 +423,9 @@ def from_json(text: str, source: str) -> ml_collections.ConfigDict:
         if isinstance(cfg.get(section), ml_collections.ConfigDict) \
                 and isinstance(ref[section], ml_collections.ConfigDict):
             for key in ref[section].keys():
-                if key in cfg[section] and isinstance(ref[section][key], float) \
+                if key not in cfg[section]:
+                    cfg[section][key] = ref[section][key]
+                elif isinstance(ref[section][key], float) \
                         and isinstance(cfg[section][key], int) and not isinstance(cfg[section][key], bool):
                     with cfg[section].ignore_type():
                         cfg[section][key] = float(cfg[section][key])

@@ -92,3 +92,15 @@ def test_tokamax_backend_needs_the_optional_package():
     validate(cfg)  # a config for another machine may name it
     with pytest.raises(ConfigError, match="model.moe_backend=tokamax needs"):
         validate(cfg, num_devices=8)  # a run here may not
+
+
+def test_a_saved_config_without_newer_keys_takes_their_defaults():
+    """A workdir's config.json from before a key existed loads with the key's default."""
+    from olmoe_jax.config import from_json  # pylint: disable=import-outside-toplevel
+    raw = default_config().to_dict()
+    del raw["train"]["microbatches"], raw["model"]["remat"]
+    cfg = from_json(json.dumps(raw), "old/config.json")
+    assert cfg.train.microbatches == 1 and cfg.model.remat == "none"
+    raw["train"]["bogus"] = 1
+    with pytest.raises(ConfigError, match="unknown config key train.bogus"):
+        from_json(json.dumps(raw), "old/config.json")

@@ -112,13 +112,16 @@ def _head_ce_bwd(chunks, res, cot):
 _head_ce.defvjp(_head_ce_fwd, _head_ce_bwd)
 
 
-def head_cross_entropy(x_BTD, w_DV, targets_BT, mask_BT, chunks: int = 0):
+def head_cross_entropy(x_BTD, w_DV, targets_BT, mask_BT, chunks: int = 0, batch_shards: int | None = None):
     """(mean token cross-entropy over mask, token count) of logits x @ w (float32), without
     materialising them; differentiable in x and w. chunks: sequence chunks (a divisor of T);
-    0 picks `auto_chunks` for this batch over the available devices."""
+    0 picks `auto_chunks` for this batch split over `batch_shards` devices (default: every
+    device of this process's backend; pass the mesh's batch split when compiling for
+    another machine, whose devices this host does not count)."""
     B, T, _ = x_BTD.shape
     if chunks <= 0:
-        chunks = auto_chunks(B, T, w_DV.shape[1], jax.device_count())
+        shards = jax.device_count() if batch_shards is None else batch_shards
+        chunks = auto_chunks(B, T, w_DV.shape[1], shards)
     if T % chunks:
         raise ValueError(f"head_cross_entropy: {chunks} chunks do not divide the sequence length {T} "
                          "(model.ce_chunks)")
