@@ -86,8 +86,6 @@ def library_step(cfg):
     from olmoe_jax.parallel.mesh import make_mesh
     from olmoe_jax.train import step as step_lib
 
-    import jax
-
     mesh = make_mesh(cfg)
     shardings = step_lib.state_shardings(cfg, mesh)
     state = step_lib.init_state(cfg, shardings)

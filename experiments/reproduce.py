@@ -187,7 +187,7 @@ def evaluate_baseline(runs: str, out: str, items: int, steps_per_run: int) -> No
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m experiments.reproduce", description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", action="store_true", help="train, evaluate and analyse into --out")
-    ap.add_argument("--report", action="store_true", help=f"rebuild the markdown (--md) from --out")
+    ap.add_argument("--report", action="store_true", help="rebuild the markdown (--md) from --out")
     ap.add_argument("--out", default=OUT, help="folder of the committed JSON and PNG results")
     ap.add_argument("--md", default=REPORT, help="the report to write")
     ap.add_argument("--runs", default="runs/reproduce", help="run folders (checkpoints; not committed)")

@@ -9,7 +9,6 @@ analyses of token-choice models.
 from __future__ import annotations
 
 import functools
-import json
 from typing import NamedTuple, Sequence
 
 import jax

@@ -32,7 +32,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
-from olmoe_jax.config import ConfigError, mesh_shape
+from olmoe_jax.config import mesh_shape
 from olmoe_jax.parallel import chips as chips_lib
 from olmoe_jax.parallel import rules
 from olmoe_jax.parallel.mesh import make_mesh
