@@ -77,7 +77,11 @@ def summary(r: dict) -> str:
         lines.append("collectives: none")
     if r["unknown_trip_counts"]:
         lines.append(f"loops of unknown trip count (counted once): {', '.join(r['unknown_trip_counts'])}")
-    if est:
+    if est and est.get("incomplete"):
+        lines.append(f"estimated step: at least {est['step_s_overlapped'] * 1e3:.1f} ms (XLA ops "
+                     f"{est['xla_ops_s'] * 1e3:.1f} + Pallas {est['pallas_s'] * 1e3:.1f}, collectives "
+                     f"{est['collectives_s'] * 1e3:.1f}); {est['incomplete']}")
+    elif est:
         lines.append(f"estimated step: {est['step_s'] * 1e3:.1f} ms (XLA ops {est['xla_ops_s'] * 1e3:.1f} + "
                      f"Pallas {est['pallas_s'] * 1e3:.1f} + collectives {est['collectives_s'] * 1e3:.1f}), "
                      f"MFU {est['mfu']:.1%}; collectives overlapped: {est['step_s_overlapped'] * 1e3:.1f} ms, "

@@ -166,3 +166,17 @@ def test_commands_other_than_compile_do_not_start_libtpu(tmp_path):
     bare = subprocess.run([sys.executable, "-c", code.replace("c._platforms_without_tpu(); ", "")],
                           env=env, capture_output=True, text=True, check=True)
     assert "TPU" in bare.stderr  # the warnings the guard keeps away (so this test can fail)
+
+
+def test_estimate_gives_no_mfu_when_the_program_was_not_fully_weighed():
+    """A program whose counted FLOPs fall short of the model's gets times as a lower bound and
+    no MFU (a partial HLO walk once reported an MFU of 200%)."""
+    from olmoe_jax.parallel import chips  # pylint: disable=import-outside-toplevel
+    from olmoe_jax.train import aot  # pylint: disable=import-outside-toplevel
+    stats = {"xla": {"seconds": 0.1, "flops": 1e12}, "pallas": {"seconds": 0.0, "flops": 0.0},
+             "collectives": {}}
+    chip = chips.CHIPS["v5p"]
+    short = aot._estimate(stats, chip, 1.0, model_flops_device=1e13)
+    assert short["mfu"] is None and "lower bound" in short["incomplete"]
+    full = aot._estimate(stats, chip, 1.0, model_flops_device=1.5e12)
+    assert full["incomplete"] is None and full["mfu"] == pytest.approx(1.5e12 / (0.1 * chip.peak_bf16_flops))
