@@ -214,10 +214,15 @@ def _estimate(stats: dict, chip: chips_lib.Chip, per_chip: float, model_flops_de
     # count (6N) also charges the input embedding, a gather in the program, hence the factor
     # 0.5 of slack. Counting less means the HLO walk missed part of the program (a kernel or
     # loop it cannot weigh): the times are then a lower bound and an MFU from them would be
-    # wrong (olmoe_1b7b on v5p:4x8x8 counted 0.16 of the model's FLOPs and gave "200%").
+    # wrong (olmoe_1b7b on v5p:4x8x8 counted 0.16 of the model's FLOPs and gave "200%": the
+    # parser stopped at a multi-line kernel config, which hlo_text now reads and flags).
     counted = stats["xla"]["flops"] + stats["pallas"]["flops"]
     incomplete = None
-    if counted < 0.5 * model_flops_device:
+    if stats.get("incomplete"):
+        incomplete = (f"{len(stats['incomplete'])} computations of the compiled program could not be read "
+                      f"whole ({', '.join(stats['incomplete'][:3])}): the times are a lower bound and no "
+                      "MFU is given")
+    elif counted < 0.5 * model_flops_device:
         incomplete = (f"the compiled program's counted FLOPs ({counted:.3g} per device) are below the "
                       f"model's ({model_flops_device:.3g}): part of the program was not weighed, so the "
                       "times are a lower bound and no MFU is given")

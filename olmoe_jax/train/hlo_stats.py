@@ -16,8 +16,11 @@ So this module walks the HLO itself:
   ragged-all-to-all is counted at its (worst-case) buffer size.
 - Pallas/Mosaic kernels (`tpu_custom_call`): FLOPs and bytes from the kernel's CostEstimate
   in the backend config (`pl.CostEstimate`; XLA's own ragged-dot kernels carry one too);
-  a kernel without one counts only its operand + result bytes and is tallied in
-  `pallas_without_cost`.
+  jax's splash attention kernels have none, so their matmuls are counted from their shapes
+  (`_splash_flops`); any other kernel without one counts only its operand + result bytes
+  and is tallied in `pallas_without_cost`.
+- A computation whose text was not fully understood (no ROOT read) is listed in
+  `incomplete`: what it runs is missing from the totals.
 - XLA ops: for each instruction of a non-fused computation, FLOPs of the dots and
   convolutions in it (2 x output elements x contraction; a batched matmul that TPU XLA
   writes as a base-dilated convolution counts its window / lhs_dilate) and the HBM bytes it
@@ -31,8 +34,8 @@ import math
 import re
 from collections import defaultdict
 
-from olmoe_jax.train.hlo_text import (Computation, Instr, called, dims, execution_counts, parse_module,
-                                      shape_bytes, trip_count)
+from olmoe_jax.train.hlo_text import (Computation, Instr, called, dims, execution_counts, incomplete,
+                                      parse_module, shape_bytes, trip_count)
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "ragged-all-to-all",
                "collective-permute")
@@ -188,13 +191,38 @@ def _plain_bytes(ins: Instr, comp: Computation) -> float:
     return operands + shape_bytes(ins.shape)
 
 
+# jax's splash attention kernels carry no CostEstimate (jax 0.10): their FLOPs are their
+# matmuls over the computed (causal) blocks. fwd: QK^T, PV; dq: QK^T, dO V^T, dS K; dkv: QK^T,
+# P^T dO, dO V^T, dS^T Q.
+_SPLASH_MATMULS = {"fwd": 2, "dq": 3, "dkv": 4}
+
+
+def _splash_flops(ins: Instr) -> float | None:
+    """FLOPs of a splash attention call, from its operand shapes: q [B, H, T, hd] (the first
+    4-d bf16/f32 operand) and the block mask [.., n, n]: n(n+1)/2 of n^2 blocks computed."""
+    kind = re.search(r"splash_mha_(fwd|dq|dkv)", ins.name + " " + ins.attrs)
+    ops = re.search(r"operand_layout_constraints=\{(.*?)\}, \w+=", ins.attrs)
+    if not kind or not ops:
+        return None
+    arrays = re.findall(r"\b(s8|bf16|f32)\[([\d,]+)\]", ops.group(1))
+    mask = next((d for t, d in arrays if t == "s8" and d.count(",") == 2), None)
+    q = next((d for t, d in arrays if t != "s8" and d.count(",") == 3), None)
+    if not mask or not q:
+        return None
+    n = int(mask.split(",")[1])
+    B, H, T, hd = (int(x) for x in q.split(","))
+    return _SPLASH_MATMULS[kind.group(1)] * 2.0 * B * H * T * T * hd * (n + 1) / (2 * n)
+
+
 def _pallas_cost(ins: Instr, comp: Computation) -> tuple[float, float, bool]:
-    """(flops, bytes, has a CostEstimate) of one Mosaic kernel call."""
+    """(flops, bytes, has a cost) of one Mosaic kernel call: its CostEstimate, or for splash
+    attention its matmuls (_splash_flops) with its operand + result bytes."""
     m = re.search(r'"cost_estimate":(\{[^}]*\})', ins.attrs)
     if m:
         est = json.loads(m.group(1))
         return float(est.get("flops", 0)), float(est.get("bytes_accessed", 0)), True
-    return 0.0, _plain_bytes(ins, comp), False
+    splash = _splash_flops(ins)
+    return (splash or 0.0), _plain_bytes(ins, comp), splash is not None
 
 
 def _top_level(comps: dict[str, Computation], entry: str) -> set[str]:
@@ -218,10 +246,11 @@ def analyze(text: str, *, num_devices: int, peak_flops: float, hbm_bytes_per_s: 
     (max of its FLOPs / peak and its bytes / HBM bandwidth), summed over executions.
     Returns {collectives: {kind: {count, bytes, wire_bytes}}, pallas: {calls, flops, bytes,
     seconds, without_cost}, xla: {flops, bytes, seconds}, loops: {name: trip count},
-    unknown_trip_counts: [while names]}.
+    unknown_trip_counts: [while names], incomplete: [computations not fully read]}.
     """
     comps, entry = parse_module(text)
     counts, unknown = execution_counts(comps, entry)
+    unread = [name for name in incomplete(comps) if counts.get(name)]
     top = _top_level(comps, entry)
     memo: dict[str, float] = {}
     coll = {k: {"count": 0.0, "bytes": 0.0, "wire_bytes": 0.0} for k in COLLECTIVES}
@@ -265,5 +294,5 @@ def analyze(text: str, *, num_devices: int, peak_flops: float, hbm_bytes_per_s: 
             xla["bytes"] += w * nbytes
             xla["seconds"] += w * max(flops / peak_flops, nbytes / hbm_bytes_per_s)
     return {"collectives": {k: v for k, v in coll.items() if v["count"]}, "pallas": pallas, "xla": xla,
-            "loops": loops, "unknown_trip_counts": unknown}
+            "loops": loops, "unknown_trip_counts": unknown, "incomplete": unread}
 

@@ -74,10 +74,25 @@ def _parse_instr(line: str) -> Instr | None:
 
 
 def parse_module(text: str) -> tuple[dict[str, Computation], str]:
-    """({computation name: Computation}, entry name) of an HLO module's text."""
+    """({computation name: Computation}, entry name) of an HLO module's text.
+
+    An instruction may span lines (a Pallas kernel's backend config can hold newlines, e.g.
+    splash attention's kernel_metadata): a line that starts no instruction continues the one
+    before it; only a line that is exactly "}" closes the computation. A computation whose
+    ROOT was never read is incomplete (`root` stays ""): see `incomplete`."""
     comps: dict[str, Computation] = {}
     entry = ""
     current: Computation | None = None
+    pending: list[str] = []
+
+    def flush():
+        ins = _parse_instr(" ".join(pending)) if pending else None
+        pending.clear()
+        if ins is not None:
+            current.instrs[ins.name] = ins
+            if ins.root:
+                current.root = ins.name
+
     for line in text.splitlines():
         if current is None:
             h = _HEADER.match(line)
@@ -87,15 +102,21 @@ def parse_module(text: str) -> tuple[dict[str, Computation], str]:
                 if h.group(1):
                     entry = current.name
             continue
-        if line.startswith("}"):
+        if line.rstrip() == "}":
+            flush()
             current = None
-            continue
-        ins = _parse_instr(line)
-        if ins is not None:
-            current.instrs[ins.name] = ins
-            if ins.root:
-                current.root = ins.name
+        elif _INSTR.match(line):
+            flush()
+            pending.append(line)
+        elif pending:
+            pending.append(line)
     return comps, entry
+
+
+def incomplete(comps: dict[str, Computation]) -> list[str]:
+    """Computations read without their ROOT instruction: part of them was not understood, so
+    anything counted from them is short."""
+    return sorted(name for name, c in comps.items() if not c.root)
 
 
 def shape_bytes(shape: str) -> float:

@@ -103,6 +103,62 @@ def test_hlo_stats_reads_known_trip_counts_on_cpu():
     assert stats["unknown_trip_counts"] == [] and stats["collectives"]
 
 
+# A loop body in the form libtpu writes it: splash attention's custom call carries its
+# kernel_metadata over several lines, one of them starting with "}" (the HLO walk once stopped
+# reading the body there and missed everything after, the all-to-all included).
+_MULTILINE_HLO = """HloModule m
+
+%cond (c.p: (s32[], bf16[2,4,256,64])) -> pred[] {
+  %c.p = (s32[], bf16[2,4,256,64]) parameter(0)
+  %c.i = s32[] get-tuple-element(%c.p), index=0
+  %c.n = s32[] constant(3)
+  ROOT %c.lt = pred[] compare(%c.i, %c.n), direction=LT
+}
+
+%body (b.p: (s32[], bf16[2,4,256,64])) -> (s32[], bf16[2,4,256,64]) {
+  %b.p = (s32[], bf16[2,4,256,64]) parameter(0)
+  %b.i = s32[] get-tuple-element(%b.p), index=0
+  %b.q = bf16[2,4,256,64]{3,2,1,0} get-tuple-element(%b.p), index=1
+  %b.m = s8[1,2,2]{2,1,0} constant({...})
+  %splash_mha_fwd.1 = bf16[2,4,256,64]{3,2,1,0} custom-call(%b.m, %b.q, %b.q, %b.q), custom_call_target="tpu_custom_call", operand_layout_constraints={s8[1,2,2]{2,1,0}, bf16[2,4,256,64]{3,2,1,0}, bf16[2,4,256,64]{3,2,1,0}, bf16[2,4,256,64]{3,2,1,0}}, frontend_attributes={kernel_metadata={
+"xprof_metadata":"{\\"block_q\\": 128}"
+}}, backend_config={"custom_call_config": {}}
+  %b.a2a = bf16[2,4,256,64]{3,2,1,0} all-to-all(%splash_mha_fwd.1), channel_id=1, replica_groups={{0,1,2,3}}, dimensions={0}
+  %b.one = s32[] constant(1)
+  %b.next = s32[] add(%b.i, %b.one)
+  ROOT %b.t = (s32[], bf16[2,4,256,64]) tuple(%b.next, %b.a2a)
+}
+
+ENTRY %main (q: bf16[2,4,256,64]) -> bf16[2,4,256,64] {
+  %q = bf16[2,4,256,64]{3,2,1,0} parameter(0)
+  %zero = s32[] constant(0)
+  %init = (s32[], bf16[2,4,256,64]) tuple(%zero, %q)
+  %loop = (s32[], bf16[2,4,256,64]) while(%init), condition=%cond, body=%body
+  ROOT %out = bf16[2,4,256,64]{3,2,1,0} get-tuple-element(%loop), index=1
+}
+"""
+
+
+def test_hlo_walk_reads_instructions_that_span_lines():
+    stats = hlo_stats.analyze(_MULTILINE_HLO, num_devices=4, peak_flops=1e12, hbm_bytes_per_s=1e11)
+    assert stats["incomplete"] == [] and stats["loops"] == {"loop": 3}
+    a2a = 2 * 4 * 256 * 64 * 2  # bytes of the exchanged buffer
+    assert stats["collectives"]["all-to-all"]["count"] == 3
+    assert stats["collectives"]["all-to-all"]["bytes"] == 3 * a2a
+    # Splash's forward: QK^T and PV over 3 of the 2 x 2 blocks, for B 2 x H 4, T 256, hd 64.
+    assert stats["pallas"]["calls"] == 3 and stats["pallas"]["without_cost"] == 0
+    assert stats["pallas"]["flops"] == 3 * 2 * 2.0 * 2 * 4 * 256 * 256 * 64 * 3 / 4
+
+
+def test_hlo_walk_flags_a_computation_it_could_not_read_whole():
+    truncated = _MULTILINE_HLO.replace("  ROOT %b.t = (s32[], bf16[2,4,256,64]) tuple(%b.next, %b.a2a)\n", "")
+    stats = hlo_stats.analyze(truncated, num_devices=4, peak_flops=1e12, hbm_bytes_per_s=1e11)
+    assert stats["incomplete"] == ["body"]
+    from olmoe_jax.parallel import chips  # pylint: disable=import-outside-toplevel
+    est = aot._estimate(stats, chips.CHIPS["v5p"], 1.0, model_flops_device=1.0)
+    assert est["mfu"] is None and "could not be read whole" in est["incomplete"]
+
+
 @needs_libtpu
 def test_compile_reports_memory_flops_collectives_and_estimate(tmp_path, capsys):
     out_json = tmp_path / "report.json"
