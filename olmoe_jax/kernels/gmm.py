@@ -150,31 +150,32 @@ def _xla_tgmm(lhs_GK, dout_GN, tile_expert, tile_valid, num_experts, *, tm,
 
 # ------------------------------------------------- tiled backends share one custom_vjp
 
-def _tiled_ops(impl: str, interpret: bool):
-    """impl: xla | pallas (Mosaic style) | pallas_gpu (Triton style)."""
+def _tiled_ops(impl: str, interpret: bool, live_tiles: int | None = None):
+    """impl: xla | pallas (Mosaic style) | pallas_gpu (Triton style); live_tiles: the Pallas
+    kernels' cost-estimate hint (gmm_pallas.py)."""
     if impl == "xla":
         return _xla_gmm, _xla_tgmm
     fwd, tfwd = ((gmm_pallas.gmm_gpu, gmm_pallas.tgmm_gpu) if impl == "pallas_gpu"
                  else (gmm_pallas.gmm, gmm_pallas.tgmm))
-    return (functools.partial(fwd, interpret=interpret),
-            functools.partial(tfwd, interpret=interpret))
+    return (functools.partial(fwd, interpret=interpret, live_tiles=live_tiles),
+            functools.partial(tfwd, interpret=interpret, live_tiles=live_tiles))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _tiled_gmm(lhs_GK, rhs_EKN, padded_sizes_E, tm, impl, interpret):
-    out, _ = _tiled_gmm_fwd(lhs_GK, rhs_EKN, padded_sizes_E, tm, impl, interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _tiled_gmm(lhs_GK, rhs_EKN, padded_sizes_E, tm, impl, interpret, live_tiles):
+    out, _ = _tiled_gmm_fwd(lhs_GK, rhs_EKN, padded_sizes_E, tm, impl, interpret, live_tiles)
     return out
 
 
-def _tiled_gmm_fwd(lhs_GK, rhs_EKN, padded_sizes_E, tm, impl, interpret):
-    fwd, _ = _tiled_ops(impl, interpret)
+def _tiled_gmm_fwd(lhs_GK, rhs_EKN, padded_sizes_E, tm, impl, interpret, live_tiles):
+    fwd, _ = _tiled_ops(impl, interpret, live_tiles)
     te, tv = tile_owners(padded_sizes_E, lhs_GK.shape[0] // tm, tm)
     return fwd(lhs_GK, rhs_EKN, te, tv, tm=tm), (lhs_GK, rhs_EKN, padded_sizes_E, te, tv)
 
 
-def _tiled_gmm_bwd(tm, impl, interpret, res, dout_GN):
+def _tiled_gmm_bwd(tm, impl, interpret, live_tiles, res, dout_GN):
     lhs_GK, rhs_EKN, padded_sizes_E, te, tv = res
-    fwd, tfwd = _tiled_ops(impl, interpret)
+    fwd, tfwd = _tiled_ops(impl, interpret, live_tiles)
     dout_GN = dout_GN.astype(lhs_GK.dtype)
     if impl == "pallas":  # Mosaic reads w^T blocks in place: no transposed copy of the weights
         dlhs_GK = fwd(dout_GN, rhs_EKN, te, tv, tm=tm, transpose_rhs=True)
@@ -321,7 +322,7 @@ _xla_swiglu.defvjp(_xla_swiglu_fwd, _xla_swiglu_bwd)
 # ----------------------------------------------------------------------------- front end
 
 def gmm(lhs_GK, rhs_EKN, padded_sizes_E, *, tm: int, backend: str = "auto",
-        platform: str | None = None, interpret: bool | None = None):
+        platform: str | None = None, interpret: bool | None = None, live_rows: int | None = None):
     """[G, N] = per-expert lhs rows @ rhs[e]; differentiable in lhs and rhs.
 
     lhs_GK: [G, K], G a multiple of tm, in the layout `permute` writes.
@@ -332,6 +333,8 @@ def gmm(lhs_GK, rhs_EKN, padded_sizes_E, *, tm: int, backend: str = "auto",
       on CPU, so tests can run the GPU style here with platform="gpu".
     interpret: run Pallas kernels in interpret mode; default when jax runs on CPU. Pass
       False (with platform="tpu") to compile the real kernels for a TPU from a CPU host.
+    live_rows: how many rows the caller expects routed (a static hint for the Pallas kernels'
+      cost estimate; default all G): each expert's group fills up to one partial tile more.
     """
     G, K = lhs_GK.shape
     if G % tm:
@@ -343,10 +346,11 @@ def gmm(lhs_GK, rhs_EKN, padded_sizes_E, *, tm: int, backend: str = "auto",
     interpret = eng.interpret if interpret is None else interpret
     padded_sizes_E = padded_sizes_E.astype(jnp.int32)
     if backend == "xla":
-        return _tiled_gmm(lhs_GK, rhs_EKN, padded_sizes_E, tm, "xla", interpret)
+        return _tiled_gmm(lhs_GK, rhs_EKN, padded_sizes_E, tm, "xla", interpret, None)
     if backend == "pallas":
         impl = "pallas_gpu" if platform == "gpu" else "pallas"
-        return _tiled_gmm(lhs_GK, rhs_EKN, padded_sizes_E, tm, impl, interpret)
+        live_tiles = None if live_rows is None else -(-live_rows // tm) + rhs_EKN.shape[0]
+        return _tiled_gmm(lhs_GK, rhs_EKN, padded_sizes_E, tm, impl, interpret, live_tiles)
     if backend == "megablox":
         return _megablox(lhs_GK, rhs_EKN, padded_sizes_E, tm, interpret=interpret)
     if backend == "ragged_dot":
@@ -380,7 +384,7 @@ def _megablox(lhs_GK, rhs_EKN, padded_sizes_E, tm, *, interpret):
 
 def gmm_swiglu(lhs_GD, w_gate_EDF, w_up_EDF, w_down_EFD, padded_sizes_E, *, tm: int,
                backend: str = "auto", platform: str | None = None,
-               interpret: bool | None = None):
+               interpret: bool | None = None, live_rows: int | None = None):
     """[G, D'] = per expert e: (silu(lhs @ w_gate[e]) * (lhs @ w_up[e])) @ w_down[e].
 
     The routed SwiGLU experts on the `permute` layout, as `gmm` defines its rows (slack rows
@@ -389,7 +393,7 @@ def gmm_swiglu(lhs_GD, w_gate_EDF, w_up_EDF, w_down_EFD, padded_sizes_E, *, tm: 
     tiles, does all three products per block, and one such loop the backward (saving only the
     gate and up activations, never a concatenated weight); slack tiles are never visited.
     Other backends run two `gmm` calls on the gate|up concatenation and one on
-    w_down.
+    w_down. live_rows: as `gmm`.
     """
     G, K = lhs_GD.shape
     if G % tm:
@@ -401,7 +405,8 @@ def gmm_swiglu(lhs_GD, w_gate_EDF, w_up_EDF, w_down_EFD, padded_sizes_E, *, tm: 
         return _xla_swiglu(lhs_GD, w_gate_EDF, w_up_EDF, w_down_EFD, padded_sizes_E, tm)
     F = w_gate_EDF.shape[2]
     w_gu_EDF2 = jnp.concatenate([w_gate_EDF, w_up_EDF], axis=2)
-    run = functools.partial(gmm, tm=tm, backend=backend, platform=platform, interpret=interpret)
+    run = functools.partial(gmm, tm=tm, backend=backend, platform=platform, interpret=interpret,
+                            live_rows=live_rows)
     gu_GF2 = run(lhs_GD, w_gu_EDF2, padded_sizes_E)
     h_GF = jax.nn.silu(gu_GF2[:, :F]) * gu_GF2[:, F:]
     return run(h_GF, w_down_EFD, padded_sizes_E)

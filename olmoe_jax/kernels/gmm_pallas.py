@@ -19,8 +19,13 @@ OLMoE's size too (tests/kernels/test_compile.py); the Triton style only lowers (
 needs the CUDA plugin). Neither has been timed on an accelerator here (docs/tpu_kernels.md
 has the compiler's estimates).
 
-Every pallas_call carries a pl.CostEstimate (FLOPs of the full tiles, HBM bytes counting
-each block as often as the grid streams it), which a TPU program's cost_analysis reports.
+Every pallas_call carries a pl.CostEstimate, which a TPU program's cost_analysis reports:
+HBM bytes count each block as often as the grid streams it (every tile's lhs and output
+blocks, valid or not: the index maps fetch them all), FLOPs count the valid tiles only (the
+kernels skip the others). Which tiles are valid is data; the estimate, fixed at trace time,
+takes all tiles unless the caller passes `live_tiles`, the number it expects valid (expert
+parallelism's receive buffers are sized for the worst case, about X times the rows a device
+receives on average: moe_ep.py).
 
 Shapes: lhs [G, K] with G = num_tiles * tm; rhs [E, K, N]; tile_expert, tile_valid
 [num_tiles] int32. Rows of invalid (tail) tiles get zero output.
@@ -42,6 +47,11 @@ def _lane_block(n: int, want: int = 512) -> int:
     if n % 128:
         return n
     return max(b for b in range(128, min(n, want) + 1, 128) if n % b == 0)
+
+
+def _live_rows(G: int, tm: int, live_tiles: int | None) -> int:
+    """The rows of the tiles expected to be valid (all G without a hint)."""
+    return G if live_tiles is None else min(G, live_tiles * tm)
 
 
 def _cost(flops: int, *arrays_times_read) -> pl.CostEstimate:
@@ -68,7 +78,7 @@ def _gmm_kernel(transpose_rhs, tile_expert_ref, tile_valid_ref, lhs_ref, rhs_ref
 
 
 def gmm(lhs_GK, rhs, tile_expert, tile_valid, *, tm: int, interpret: bool,
-        transpose_rhs: bool = False):
+        transpose_rhs: bool = False, live_tiles: int | None = None):
     """out[G, N]: each tile's rows times its expert's [K, N] (full K per block).
 
     rhs: [E, K, N], or [E, N, K] with transpose_rhs (the backward's dlhs = dout @ w^T reads
@@ -98,8 +108,8 @@ def gmm(lhs_GK, rhs, tile_expert, tile_valid, *, tm: int, interpret: bool,
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
         # Weights: each expert's block once per N block (an upper bound: only when the expert
         # owns a tile); the tile tables are negligible.
-        cost_estimate=_cost(2 * G * K * N, (G * K * it, N // tn), (E * K * N * it, 1),
-                            (G * N * it, 1)),
+        cost_estimate=_cost(2 * _live_rows(G, tm, live_tiles) * K * N, (G * K * it, N // tn),
+                            (E * K * N * it, 1), (G * N * it, 1)),
         interpret=interpret,
     )(tile_expert, tile_valid, lhs_GK, rhs)
 
@@ -131,7 +141,7 @@ def _tgmm_kernel(tile_expert_ref, tile_valid_ref, lhs_ref, dout_ref, out_ref, ac
 
 
 def tgmm(lhs_GK, dout_GN, tile_expert, tile_valid, num_experts: int, *, tm: int, interpret: bool,
-         out_dtype=jnp.float32):
+         out_dtype=jnp.float32, live_tiles: int | None = None):
     """out[E, K, N]: per expert, the sum over its tiles of lhs_tile^T @ dout_tile, summed in
     f32 and rounded once to out_dtype.
 
@@ -158,8 +168,8 @@ def tgmm(lhs_GK, dout_GN, tile_expert, tile_valid, num_experts: int, *, tm: int,
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "arbitrary")),
         # Every (K block, N block) pass streams all tiles of its lhs and dout blocks.
-        cost_estimate=_cost(2 * G * K * N, (G * K * it, N // tn), (G * N * it, K // tk),
-                            (num_experts * K * N * jnp.dtype(out_dtype).itemsize, 1)),
+        cost_estimate=_cost(2 * _live_rows(G, tm, live_tiles) * K * N, (G * K * it, N // tn),
+                            (G * N * it, K // tk), (num_experts * K * N * jnp.dtype(out_dtype).itemsize, 1)),
         interpret=interpret,
     )(tile_expert, tile_valid, lhs_GK, dout_GN)
 
@@ -194,7 +204,8 @@ def _gmm_gpu_kernel(tn, tile_expert_ref, tile_valid_ref, lhs_ref, rhs_ref, out_r
     out_ref[...] = jnp.where(tile_valid_ref[i] != 0, acc, 0.0).astype(out_ref.dtype)
 
 
-def gmm_gpu(lhs_GK, rhs_EKN, tile_expert, tile_valid, *, tm: int, interpret: bool):
+def gmm_gpu(lhs_GK, rhs_EKN, tile_expert, tile_valid, *, tm: int, interpret: bool,
+            live_tiles: int | None = None):
     """As `gmm`, Triton style."""
     G, K = lhs_GK.shape
     N = rhs_EKN.shape[2]
@@ -211,8 +222,8 @@ def gmm_gpu(lhs_GK, rhs_EKN, tile_expert, tile_valid, *, tm: int, interpret: boo
         out_shape=jax.ShapeDtypeStruct((G, N), lhs_GK.dtype),
         compiler_params=_gpu_params(interpret),
         # Each (tile, N block) program loads its lhs tile and its expert's [K, tn] block.
-        cost_estimate=_cost(2 * G * K * N, (G * K * it, N // tn), ((G // tm) * K * N * it, 1),
-                            (G * N * it, 1)),
+        cost_estimate=_cost(2 * _live_rows(G, tm, live_tiles) * K * N, (G * K * it, N // tn),
+                            ((G // tm) * K * N * it, 1), (G * N * it, 1)),
         interpret=interpret,
     )(te, tv, lhs_GK, rhs_EKN)
 
@@ -233,7 +244,7 @@ def _tgmm_gpu_kernel(tm, tk, tn, first_tile_ref, num_tiles_ref, lhs_ref, dout_re
 
 
 def tgmm_gpu(lhs_GK, dout_GN, tile_expert, tile_valid, num_experts: int, *, tm: int,
-             interpret: bool, out_dtype=jnp.float32):
+             interpret: bool, out_dtype=jnp.float32, live_tiles: int | None = None):
     """As `tgmm` ([E, K, N] out_dtype), Triton style; experts without tiles come out zero."""
     G, K = lhs_GK.shape
     N = dout_GN.shape[1]
@@ -253,7 +264,7 @@ def tgmm_gpu(lhs_GK, dout_GN, tile_expert, tile_valid, num_experts: int, *, tm: 
         out_shape=jax.ShapeDtypeStruct((num_experts, K, N), out_dtype),
         compiler_params=_gpu_params(interpret),
         # An (expert, K block, N block) program reads its expert's rows of both inputs.
-        cost_estimate=_cost(2 * G * K * N, (G * K * it, N // tn), (G * N * it, K // tk),
-                            (num_experts * K * N * jnp.dtype(out_dtype).itemsize, 1)),
+        cost_estimate=_cost(2 * _live_rows(G, tm, live_tiles) * K * N, (G * K * it, N // tn),
+                            (G * N * it, K // tk), (num_experts * K * N * jnp.dtype(out_dtype).itemsize, 1)),
         interpret=interpret,
     )(ft, nt, lhs_GK, dout_GN)

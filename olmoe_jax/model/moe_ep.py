@@ -161,6 +161,9 @@ def _exchange_once(p, x_TD, token_N, expert_N, weight_N, kept_N, cfg, eng, axis:
     recv_RD, local_R = expert.dispatch(x_TD, token_N, expert_N % L, pos_N, R, axis, L)
     # Received rows come grouped by source; the grouped matmul wants them by local expert.
     # Empty rows carry expert id L, the slack group that costs no FLOPs.
+    # The receive buffer is sized for the worst case; balanced routing fills T * k of its R
+    # rows on average (expert choice fills its buckets), which the kernels' cost estimate takes.
+    live = R if cfg.model.router_type == "expert_choice" else min(R, T * cfg.model.top_k)
     out_RD = moe_impls.grouped_swiglu(p, recv_RD, local_R[:, None], jnp.ones((R, 1), jnp.float32),
-                                      eng, unrouted=True)
+                                      eng, unrouted=True, live_rows=live)
     return expert.combine(out_RD, pos_N, token_N, weight_N, T, axis)

@@ -53,12 +53,14 @@ def dense_experts(p, x_TD, r: Routing, cfg, eng=None):
     return jnp.einsum("ted,te->td", y_TED.astype(jnp.float32), c_TE).astype(dt)
 
 
-def grouped_swiglu(p, x_TD, idx_Tk, w_Tk, eng: kernels.Engine, *, unrouted: bool = False):
+def grouped_swiglu(p, x_TD, idx_Tk, w_Tk, eng: kernels.Engine, *, unrouted: bool = False,
+                   live_rows: int | None = None):
     """y[t] = sum_j w[t, j] * SwiGLU_{idx[t, j]}(x[t]) through the sorted, tile-padded layout.
 
     p: {w_gate, w_up [E, D, F], w_down [E, F, D]}; idx_Tk int32 [T, k]; w_Tk f32 [T, k].
     unrouted: idx may hold E, "no expert": such slots form one more group after the real ones,
-    which the grouped matmul treats as slack (no FLOPs, zero output).
+    which the grouped matmul treats as slack (no FLOPs, zero output). live_rows: how many
+    slots are expected routed, for the kernels' cost estimate (kernels.gmm).
     """
     E = p["w_gate"].shape[0]
     dt = x_TD.dtype
@@ -67,7 +69,7 @@ def grouped_swiglu(p, x_TD, idx_Tk, w_Tk, eng: kernels.Engine, *, unrouted: bool
     buf_GD = kernels.permute(x_TD, layout, impl=eng.rows, interpret=eng.interpret)
     out_GD = kernels.gmm_swiglu(buf_GD, *ws, layout.padded_sizes_E[:E], tm=eng.tm,
                                 backend=eng.backend, platform=eng.platform,
-                                interpret=eng.interpret)
+                                interpret=eng.interpret, live_rows=live_rows)
     return kernels.unpermute(out_GD, w_Tk, layout, impl=eng.rows, interpret=eng.interpret)
 
 

@@ -110,3 +110,21 @@ def test_triton_style_refuses_dims_its_grid_would_not_cover(fn):
     # 192 columns at a block of 128 would leave 64 uncomputed; a clear error instead.
     with pytest.raises(ValueError, match="=192 is not a multiple of its block 128"):
         fn()
+
+
+@needs_libtpu
+def test_live_tiles_hint_counts_the_flops_of_the_expected_tiles_and_all_streamed_bytes():
+    # Expert parallelism's receive buffer holds X times the rows a device gets on average; the
+    # kernel skips invalid tiles' FLOPs but its index maps still stream every tile's blocks.
+    T, k, E, D, F, tm = OLMOE.values()
+    G = num_rows(T * k, E, tm)
+    live = G // 4 // tm
+
+    def fn(l, r, te, tv):
+        return gmm_pallas.gmm(l, r, te, tv, tm=tm, interpret=False, live_tiles=live)
+
+    _, args = tpu_kernels(**OLMOE)["gmm_gate_up"]
+    cost = tpu_aot.compile_on_chip(fn, args, "v5p").cost_analysis()
+    K, N, tn = D, 2 * F, 512
+    assert cost["flops"] == 2 * live * tm * K * N
+    assert cost["bytes accessed"] == 2 * (G * K * (N // tn) + E * K * N + G * N)
