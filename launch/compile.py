@@ -91,4 +91,7 @@ def summary(r: dict) -> str:
                          "CostEstimate: counted by their operand bytes only")
     else:
         lines.append(f"estimated step: no chip figures for {r['chip']} (parallel/chips.py lists TPUs)")
+    if est and r.get("hotspots"):
+        lines.append("largest parts of the estimate (roofline time per step, by source line): " + "; ".join(
+            f"{h['where']} {h['seconds'] * 1e3:.1f} ms" for h in r["hotspots"][:5]))
     return "\n".join(lines)

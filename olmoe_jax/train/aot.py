@@ -185,6 +185,7 @@ def compile_report(cfg, devices: Sequence, sl: chips_lib.Slice | None = None) ->
     report["collectives"] = stats["collectives"]
     report["loops"] = stats["loops"]
     report["unknown_trip_counts"] = stats["unknown_trip_counts"]
+    report["hotspots"] = stats["hotspots"]
     ca = compiled.cost_analysis() or {}
     report["xla_cost_analysis"] = {k: float(ca[k]) for k in ("flops", "bytes accessed", "optimal_seconds") if k in ca}
     report["compiled"] = {"xla_flops": stats["xla"]["flops"], "xla_bytes": stats["xla"]["bytes"],

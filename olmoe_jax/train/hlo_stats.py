@@ -19,6 +19,9 @@ So this module walks the HLO itself:
   jax's splash attention kernels have none, so their matmuls are counted from their shapes
   (`_splash_flops`); any other kernel without one counts only its operand + result bytes
   and is tallied in `pallas_without_cost`.
+- Hotspots: the roofline seconds of XLA ops and kernels summed by the source line that traced
+  them (the module's stack-frame tables; else the op name), largest first: what the step
+  time is made of.
 - A computation whose text was not fully understood (no ROOT read) is listed in
   `incomplete`: what it runs is missing from the totals.
 - XLA ops: for each instruction of a non-fused computation, FLOPs of the dots and
@@ -35,7 +38,7 @@ import re
 from collections import defaultdict
 
 from olmoe_jax.train.hlo_text import (Computation, Instr, called, dims, execution_counts, incomplete,
-                                      parse_module, shape_bytes, trip_count)
+                                      parse_module, shape_bytes, source_lines, trip_count)
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "ragged-all-to-all",
                "collective-permute")
@@ -239,14 +242,25 @@ def _top_level(comps: dict[str, Computation], entry: str) -> set[str]:
     return top
 
 
-def analyze(text: str, *, num_devices: int, peak_flops: float, hbm_bytes_per_s: float) -> dict:
+def _where(ins: Instr, lines: dict[int, str]) -> str:
+    """The source line that traced `ins` ("file.py:line function"), else its op name."""
+    frame = re.search(r"stack_frame_id=(\d+)", ins.attrs)
+    if frame and int(frame.group(1)) in lines:
+        return lines[int(frame.group(1))]
+    op = re.search(r'op_name="([^"]*)"', ins.attrs)
+    return op.group(1).rsplit("/", 1)[-1] if op else ins.opcode
+
+
+def analyze(text: str, *, num_devices: int, peak_flops: float, hbm_bytes_per_s: float,
+            hotspots: int = 12) -> dict:
     """Per-chip, per-step totals of a compiled program's HLO text (see the module docstring).
 
     peak_flops, hbm_bytes_per_s: the chip's figures, for the roofline time of each op
     (max of its FLOPs / peak and its bytes / HBM bandwidth), summed over executions.
     Returns {collectives: {kind: {count, bytes, wire_bytes}}, pallas: {calls, flops, bytes,
     seconds, without_cost}, xla: {flops, bytes, seconds}, loops: {name: trip count},
-    unknown_trip_counts: [while names], incomplete: [computations not fully read]}.
+    unknown_trip_counts: [while names], incomplete: [computations not fully read],
+    hotspots: [{where, seconds, flops, bytes}] (the `hotspots` largest)}.
     """
     comps, entry = parse_module(text)
     counts, unknown = execution_counts(comps, entry)
@@ -257,6 +271,15 @@ def analyze(text: str, *, num_devices: int, peak_flops: float, hbm_bytes_per_s: 
     pallas = {"calls": 0.0, "flops": 0.0, "bytes": 0.0, "seconds": 0.0, "without_cost": 0}
     xla = {"flops": 0.0, "bytes": 0.0, "seconds": 0.0}
     loops = {}
+    lines = source_lines(text)
+    spots: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0])
+
+    def spot(ins, w, flops, nbytes, seconds):
+        acc = spots[_where(ins, lines)]
+        acc[0] += w * seconds
+        acc[1] += w * flops
+        acc[2] += w * nbytes
+
     for name, comp in comps.items():
         w = counts.get(name, 0.0)
         if not w:
@@ -283,6 +306,7 @@ def analyze(text: str, *, num_devices: int, peak_flops: float, hbm_bytes_per_s: 
                 pallas["bytes"] += w * nbytes
                 pallas["seconds"] += w * max(flops / peak_flops, nbytes / hbm_bytes_per_s)
                 pallas["without_cost"] += 0 if has_cost else 1
+                spot(ins, w, flops, nbytes, max(flops / peak_flops, nbytes / hbm_bytes_per_s))
                 continue
             if ins.opcode == "fusion":
                 flops = sum(_fused_flops(c, comps, memo) for _, c in called(ins) if c in comps)
@@ -293,6 +317,9 @@ def analyze(text: str, *, num_devices: int, peak_flops: float, hbm_bytes_per_s: 
             xla["flops"] += w * flops
             xla["bytes"] += w * nbytes
             xla["seconds"] += w * max(flops / peak_flops, nbytes / hbm_bytes_per_s)
+            spot(ins, w, flops, nbytes, max(flops / peak_flops, nbytes / hbm_bytes_per_s))
+    top = sorted(spots.items(), key=lambda kv: -kv[1][0])[:hotspots]
     return {"collectives": {k: v for k, v in coll.items() if v["count"]}, "pallas": pallas, "xla": xla,
-            "loops": loops, "unknown_trip_counts": unknown, "incomplete": unread}
+            "loops": loops, "unknown_trip_counts": unknown, "incomplete": unread,
+            "hotspots": [{"where": k, "seconds": v[0], "flops": v[1], "bytes": v[2]} for k, v in top]}
 

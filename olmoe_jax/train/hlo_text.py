@@ -119,6 +119,38 @@ def incomplete(comps: dict[str, Computation]) -> list[str]:
     return sorted(name for name, c in comps.items() if not c.root)
 
 
+_TABLES = ("FileNames", "FunctionNames", "FileLocations", "StackFrames")
+
+
+def source_lines(text: str) -> dict[int, str]:
+    """{stack_frame_id: "file.py:line function"}: where in the Python source each op was
+    traced (the innermost frame of the module's StackFrames table; jax writes it)."""
+    tables: dict[str, dict[int, str]] = {t: {} for t in _TABLES}
+    section = None
+    for line in text.splitlines():
+        if line.strip() in _TABLES:
+            section = line.strip()
+            continue
+        m = re.match(r"^(\d+) (.*)$", line) if section else None
+        if not m:
+            section = None
+            continue
+        tables[section][int(m.group(1))] = m.group(2)
+    names = {i: v.strip('"').rsplit("/", 1)[-1] for i, v in tables["FileNames"].items()}
+    funcs = {i: v.strip('"') for i, v in tables["FunctionNames"].items()}
+    where = {}
+    for i, loc in tables["FileLocations"].items():
+        f = re.search(r"file_name_id=(\d+) function_name_id=(\d+) line=(\d+)", loc)
+        if f:
+            where[i] = f"{names.get(int(f.group(1)), '?')}:{f.group(3)} {funcs.get(int(f.group(2)), '?')}"
+    out = {}
+    for i, frame in tables["StackFrames"].items():
+        f = re.search(r"file_location_id=(\d+)", frame)
+        if f and int(f.group(1)) in where:
+            out[i] = where[int(f.group(1))]
+    return out
+
+
 def shape_bytes(shape: str) -> float:
     """Bytes of an HLO shape (a tuple: the sum of its arrays); layouts are ignored."""
     total = 0.0

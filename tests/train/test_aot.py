@@ -108,6 +108,18 @@ def test_hlo_stats_reads_known_trip_counts_on_cpu():
 # reading the body there and missed everything after, the all-to-all included).
 _MULTILINE_HLO = """HloModule m
 
+FileNames
+1 "/src/olmoe_jax/kernels/attention.py"
+
+FunctionNames
+1 "splash_attention"
+
+FileLocations
+1 {file_name_id=1 function_name_id=1 line=93 end_line=93 column=4 end_column=4}
+
+StackFrames
+1 {file_location_id=1 parent_frame_id=1}
+
 %cond (c.p: (s32[], bf16[2,4,256,64])) -> pred[] {
   %c.p = (s32[], bf16[2,4,256,64]) parameter(0)
   %c.i = s32[] get-tuple-element(%c.p), index=0
@@ -122,7 +134,7 @@ _MULTILINE_HLO = """HloModule m
   %b.m = s8[1,2,2]{2,1,0} constant({...})
   %splash_mha_fwd.1 = bf16[2,4,256,64]{3,2,1,0} custom-call(%b.m, %b.q, %b.q, %b.q), custom_call_target="tpu_custom_call", operand_layout_constraints={s8[1,2,2]{2,1,0}, bf16[2,4,256,64]{3,2,1,0}, bf16[2,4,256,64]{3,2,1,0}, bf16[2,4,256,64]{3,2,1,0}}, frontend_attributes={kernel_metadata={
 "xprof_metadata":"{\\"block_q\\": 128}"
-}}, backend_config={"custom_call_config": {}}
+}}, backend_config={"custom_call_config": {}}, metadata={op_name="jit(f)/splash" stack_frame_id=1}
   %b.a2a = bf16[2,4,256,64]{3,2,1,0} all-to-all(%splash_mha_fwd.1), channel_id=1, replica_groups={{0,1,2,3}}, dimensions={0}
   %b.one = s32[] constant(1)
   %b.next = s32[] add(%b.i, %b.one)
@@ -148,6 +160,9 @@ def test_hlo_walk_reads_instructions_that_span_lines():
     # Splash's forward: QK^T and PV over 3 of the 2 x 2 blocks, for B 2 x H 4, T 256, hd 64.
     assert stats["pallas"]["calls"] == 3 and stats["pallas"]["without_cost"] == 0
     assert stats["pallas"]["flops"] == 3 * 2 * 2.0 * 2 * 4 * 256 * 256 * 64 * 3 / 4
+    # The step time's parts by the source line that traced them.
+    spot = next(h for h in stats["hotspots"] if h["where"] == "attention.py:93 splash_attention")
+    assert spot["flops"] == stats["pallas"]["flops"] and spot["seconds"] > 0
 
 
 def test_hlo_walk_flags_a_computation_it_could_not_read_whole():
