@@ -24,16 +24,21 @@ import functools
 import jax
 import jax.numpy as jnp
 
-# Auto chunking aims at this many logits per chunk and device (16 MB in float32).
-TARGET_CHUNK_LOGITS = 1 << 22
+# Auto chunking aims at this many logits per chunk and device. CPU: 16 MB in float32 (the
+# measurement in the module docstring). Accelerators: 1 GiB. Every chunk reads the output
+# layer and reads and writes its float32 gradient (12 bytes per weight), so small chunks turn
+# the head into weight traffic: olmoe_1b7b on v5p:4x8x8 (16,384 tokens a device) in 256 chunks
+# of 16 MB spent 77 ms of its estimated step there, in 4 chunks none (docs/tpu.md).
+CHUNK_LOGITS = {"cpu": 1 << 22, "tpu": 1 << 28, "gpu": 1 << 28}
 
 
-def auto_chunks(batch: int, seq: int, vocab: int, devices: int = 1) -> int:
-    """The fewest sequence chunks (a divisor of seq) with at most TARGET_CHUNK_LOGITS logits
-    per chunk on each of `devices` (the batch split over them)."""
+def auto_chunks(batch: int, seq: int, vocab: int, devices: int = 1, platform: str = "cpu") -> int:
+    """The fewest sequence chunks (a divisor of seq) with at most CHUNK_LOGITS[platform]
+    logits per chunk on each of `devices` (the batch split over them)."""
     per_device = -(-batch // devices) * seq * vocab
+    target = CHUNK_LOGITS.get(platform, CHUNK_LOGITS["cpu"])
     for n in range(1, seq + 1):
-        if seq % n == 0 and per_device // n <= TARGET_CHUNK_LOGITS:
+        if seq % n == 0 and per_device // n <= target:
             return n
     return seq
 
@@ -112,16 +117,17 @@ def _head_ce_bwd(chunks, res, cot):
 _head_ce.defvjp(_head_ce_fwd, _head_ce_bwd)
 
 
-def head_cross_entropy(x_BTD, w_DV, targets_BT, mask_BT, chunks: int = 0, batch_shards: int | None = None):
+def head_cross_entropy(x_BTD, w_DV, targets_BT, mask_BT, chunks: int = 0, batch_shards: int | None = None,
+                       platform: str | None = None):
     """(mean token cross-entropy over mask, token count) of logits x @ w (float32), without
     materialising them; differentiable in x and w. chunks: sequence chunks (a divisor of T);
-    0 picks `auto_chunks` for this batch split over `batch_shards` devices (default: every
-    device of this process's backend; pass the mesh's batch split when compiling for
-    another machine, whose devices this host does not count)."""
+    0 picks `auto_chunks` for this batch split over `batch_shards` devices on `platform`
+    (defaults: every device of this process's backend, and that backend; pass the mesh's when
+    compiling for another machine, whose devices this host does not count)."""
     B, T, _ = x_BTD.shape
     if chunks <= 0:
         shards = jax.device_count() if batch_shards is None else batch_shards
-        chunks = auto_chunks(B, T, w_DV.shape[1], shards)
+        chunks = auto_chunks(B, T, w_DV.shape[1], shards, platform or jax.default_backend())
     if T % chunks:
         raise ValueError(f"head_cross_entropy: {chunks} chunks do not divide the sequence length {T} "
                          "(model.ce_chunks)")

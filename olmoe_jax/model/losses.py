@@ -81,15 +81,16 @@ def loss_fn(params, batch, cfg, mesh=None):
     # The output layer and the cross-entropy run fused, in sequence chunks (no [B, T, V] logits).
     x, aux = transformer.apply(params, batch["inputs"], cfg, return_hidden=True, mesh=mesh)
     w_DV = transformer.head_weights(params, cfg)
-    shards = None
+    shards = platform = None
     if mesh is not None:
         # Gathered over FSDP once per step, before the chunk loop: left to GSPMD, every chunk
         # all-reduced partial logits over the FSDP-split width (olmoe_1b7b on v5p:4x8x8:
         # 2.4 TB of all-reduce per chip and step).
         w_DV = rules.constrain(w_DV, ("embed", "vocab"), mesh)
         shards = math.prod(mesh.shape[a] for a in rules.BATCH_AXES)
+        platform = mesh.devices.flat[0].platform
     ce, ntok = kernels.head_cross_entropy(x, w_DV, batch["targets"], batch["loss_mask"],
-                                          cfg.model.ce_chunks, batch_shards=shards)
+                                          cfg.model.ce_chunks, batch_shards=shards, platform=platform)
     extra, metrics = router_losses(aux, cfg)
     metrics.update(ce_loss=ce, tokens=ntok)
     total = ce + extra

@@ -72,9 +72,12 @@ def test_auto_chunks():
     assert auto_chunks(8, 256, 8192, devices=8) == 1
     assert auto_chunks(1, 4096, 50304) == 64  # OLMoE: one sequence, 3.2M logits a chunk
     assert auto_chunks(1, 7, 1 << 30) == 7  # never more chunks than positions
+    # Accelerators take 1 GiB chunks: olmoe_1b7b with 4 sequences a device (v5p:4x8x8).
+    assert auto_chunks(1024, 4096, 50304, devices=256, platform="tpu") == 4
+    assert auto_chunks(1024, 4096, 50304, devices=256, platform="cpu") == 256
     for b, s, v in [(4, 96, 1000), (16, 2048, 50304), (3, 10, 1 << 22)]:
         n = auto_chunks(b, s, v)
-        assert s % n == 0 and (b * s * v // n <= head_ce.TARGET_CHUNK_LOGITS or n == s)
+        assert s % n == 0 and (b * s * v // n <= head_ce.CHUNK_LOGITS['cpu'] or n == s)
 
 
 def test_chunks_must_divide_the_sequence():
