@@ -17,9 +17,10 @@ def _mean(xs):
 
 
 def verdict(finding: dict) -> tuple[str, dict]:
-    """('yes' | 'opposite' | 'within noise', numbers) for a finding: does the paper's preferred
-    (first) variant reach a lower mean validation loss than every other, by more than the
-    seed spread (the largest max - min over seeds of any variant; the floor with one seed)?"""
+    """('yes' | 'opposite' | 'within noise', numbers) for a finding: does the variant the
+    paper's finding predicts to be better at this budget (the first) reach a lower mean
+    validation loss than every other, by more than the seed spread (the largest max - min
+    over seeds of any variant; the floor with one seed)?"""
     per = {label: [s["val_mean"] for s in v["seeds"].values()] for label, v in finding["variants"].items()}
     means = {label: _mean(vals) for label, vals in per.items()}
     spread = max((max(v) - min(v) for v in per.values() if len(v) > 1), default=0.0)
@@ -38,21 +39,21 @@ def verdict(finding: dict) -> tuple[str, dict]:
 def _finding_section(key: str, f: dict, rel: str) -> str:
     call, nums = verdict(f)
     lines = [f"### {f['title']}", "", f"**Paper:** {f['claim']}.", "",
-             "| variant | overrides | val loss (mean of domains) per seed | mean | train loss | tokens/s |",
+             "| variant | experiment | val loss (mean of domains) per seed | mean | train loss | tokens/s |",
              "|---|---|---|---|---|---|"]
     for label, v in f["variants"].items():
         seeds = v["seeds"]
         per = ", ".join(f"{s['val_mean']:.4f}" for s in seeds.values())
         train = _mean([s["train_loss"] for s in seeds.values()])
         tps = _mean([s["tokens_per_s"] for s in seeds.values()])
-        over = "`" + " ".join(v["overrides"]) + "`" if v["overrides"] else f"`{v['experiment']}`"
+        over = f"`{v['experiment']}`"
         lines.append(f"| {label} | {over} | {per} | {nums['means'][label]:.4f} | "
                      f"{train:.4f} | {tps:,.0f} |" if train is not None and tps else
                      f"| {label} | {over} | {per} | {nums['means'][label]:.4f} | - | - |")
     lines.append("")
     diffs = "; ".join(f"{o}: {d:+.4f}" for o, d in nums["diffs"].items())
     noise = (f"seed spread {nums['spread']:.4f}" if nums["spread"] else f"one seed, floor {NOISE_FLOOR}")
-    lines.append(f"**Ours:** validation loss of each other variant minus the paper's preferred one: {diffs} "
+    lines.append(f"**Ours:** validation loss of each other variant minus the one the paper's finding favours: {diffs} "
                  f"nats ({noise}). **Direction reproduced: {call}.**")
     if f.get("extra") == "layer0_max_load":
         loads = {label: _mean([s.get("layer0_max_load") for s in v["seeds"].values()])
@@ -157,13 +158,17 @@ def render(out_dir: str, rel: str) -> str:
         "Every run is a tiny_moe-sized model (4 layers, d_model 128, vocab 4096) trained on the built-in "
         "corpus, a scale about 10^5 times smaller in compute than the paper's ablations: a direction "
         "that reproduces here is evidence, one that does not is not a refutation. A direction counts "
-        "as reproduced when the paper's preferred variant has the lower mean validation loss (mean of the "
+        "as reproduced when the variant the paper's finding favours (at this token budget) has the lower mean validation loss (mean of the "
         "four domains, nats/token) by more than the spread between seeds.", "",
         "## Summary", "", *(summary if findings else ["No findings run yet."]), "",
         "## Findings", "",
         *([_finding_section(k, f, rel) for k, f in findings.items()] if findings else
           ["Not run yet: the ablation runs of `python -m experiments.reproduce --run` (about an hour on "
            "2 cores) have not been made; the sections below are from one tiny_moe run.", ""]),
+        *(["## Not run at this scale", "",
+            *[f"- **{n['title']}.** Paper: {n['claim']}. Not run: {n['why']}. Entries: "
+              + ", ".join(f"`{e}`" for e in n["entries"]) + "." for n in data.get("not_run", [])], ""]
+          if data.get("not_run") else []),
         "## Downstream accuracy of tiny_moe over training", "",
         ("Built-in tasks (held-out items in the formats of the corpus's arithmetic and records domains; "
          "`olmoe eval --tasks builtin --step N ...`), accuracy ± standard error over 200 items; cloze form "

@@ -18,10 +18,21 @@ def test_findings_table_is_well_formed():
     assert len(reproduce.FINDINGS) >= 6 and len({f.key for f in reproduce.FINDINGS}) == len(reproduce.FINDINGS)
     for f in reproduce.FINDINGS:
         assert len(f.variants) >= 2 and f.claim
-        for exp, overrides in f.variants.values():
-            cfg = experiments.get(exp)
-            from olmoe_jax.config import apply_overrides, validate  # pylint: disable=import-outside-toplevel
-            validate(apply_overrides(cfg, list(overrides)))  # every variant is a valid config
+        for v in f.variants.values():  # every variant is a registered CPU twin (or upcycles one)
+            entry = experiments.entry(v.source if isinstance(v, reproduce.Upcycled) else v)
+            assert entry.scale == "tiny", entry.name
+
+
+def test_equal_configs_train_once_and_upcycled_runs_follow_their_source():
+    plan = reproduce.plan_runs(reproduce.FINDINGS, None, [])
+    names = list(plan.values())
+    # every family's baseline arm is tiny_moe: one run per seed
+    assert plan[("lb_loss/on-tiny", 0)] == plan[("z_loss/on-tiny", 0)] == plan[(reproduce.BASE, 0)]
+    assert plan[("lb_loss/on-tiny", 1)] == plan[("adam_eps/eps1e-8-tiny", 1)]
+    assert plan[("lb_loss/off-tiny", 0)] != plan[("lb_loss/off-tiny", 1)]
+    up = next(v for f in reproduce.FINDINGS for v in f.variants.values() if isinstance(v, reproduce.Upcycled))
+    assert names.index(plan[(up.source, 0)]) < names.index(plan[(up, 0)])
+    assert plan[(up.source, 0)] == plan[("moe_vs_dense/dense-tiny", 0)]
 
 
 def test_verdict_needs_a_difference_beyond_the_seed_spread():
@@ -42,6 +53,7 @@ def test_run_then_report_on_two_step_runs(tmp_path):
     argv = ["--run", "--report", "--only", "lb_loss", "--steps", "2", "--seeds", "1", "--skip-eval", "--runs",
             str(tmp_path / "runs"), "--out", str(out), "--md", str(md), *[a for s in sets for a in ("--set", s)]]
     assert reproduce.main(argv) == 0
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["lb_loss-off-tiny-s0", "lb_loss-on-tiny-s0"]
     res = json.loads((out / "findings.json").read_text())
     variants = res["findings"]["lb_loss"]["variants"]
     assert set(variants) == {"lb 0.01", "no lb loss"}
@@ -51,6 +63,7 @@ def test_run_then_report_on_two_step_runs(tmp_path):
     page = md.read_text()
     assert "### Load-balancing loss" in page and "](results/lb_loss.png)" in page
     assert "Direction reproduced:" in page and "Layer 0's busiest expert takes" in page
+    assert "## Not run at this scale" in page and "`init/normal-tiny`" in page
     # A second --run trains nothing new (every run is at its last step).
     runs_before = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("metrics.jsonl")}
     assert reproduce.main(argv) == 0
