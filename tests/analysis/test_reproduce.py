@@ -28,7 +28,7 @@ def test_equal_configs_train_once_and_upcycled_runs_follow_their_source():
     names = list(plan.values())
     # every family's baseline arm is tiny_moe: one run per seed
     assert plan[("lb_loss/on-tiny", 0)] == plan[("z_loss/on-tiny", 0)] == plan[(reproduce.BASE, 0)]
-    assert plan[("lb_loss/on-tiny", 1)] == plan[("adam_eps/eps1e-8-tiny", 1)]
+    assert plan[("lb_loss/on-tiny", 1)] == plan[("z_loss/on-tiny", 1)]
     assert plan[("lb_loss/off-tiny", 0)] != plan[("lb_loss/off-tiny", 1)]
     up = next(v for f in reproduce.FINDINGS for v in f.variants.values() if isinstance(v, reproduce.Upcycled))
     assert names.index(plan[(up.source, 0)]) < names.index(plan[(up, 0)])
@@ -41,6 +41,11 @@ def test_verdict_needs_a_difference_beyond_the_seed_spread():
     assert reproduce_report.verdict(f((1.0, 1.02), (1.10, 1.11)))[0] == "yes"
     assert reproduce_report.verdict(f((1.0, 1.05), (1.03, 1.04)))[0] == "within noise"
     assert reproduce_report.verdict(f((1.2, 1.21), (1.0, 1.01)))[0] == "opposite"
+    # One seed is held to the reproduction's largest seed spread, not to the floor alone.
+    one = {"variants": {"p": {"seeds": {"0": {"val_mean": 1.0}}}, "q": {"seeds": {"0": {"val_mean": 1.02}}}}}
+    assert reproduce_report.verdict(one)[0] == "yes"
+    assert reproduce_report.verdict(one, reproduce_report.seed_spread({"a": f((1.0, 1.05), (1.0, 1.0))}))[0] \
+        == "within noise"
 
 
 def test_run_then_report_on_two_step_runs(tmp_path):
