@@ -16,6 +16,7 @@ import jax
 import numpy as np
 import pytest
 
+from launch.launcher_local import with_device_count
 from olmoe_jax.train import checkpoint, integrity
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -34,7 +35,7 @@ def npy(npy_tokens):
 
 def _start(npy, wd, *overrides, devices=8, **popen):
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+               XLA_FLAGS=with_device_count(os.environ.get("XLA_FLAGS", ""), devices))
     sets = [a for o in (*TINY, f"data.path={npy}", *overrides) for a in ("--set", o)]
     cmd = [sys.executable, "-m", "launch.cli", "train", "--experiment", "tiny_moe", "--workdir", wd, *sets]
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -7,7 +7,9 @@ import json
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+from launch.launcher_local import with_device_count  # noqa: E402  (no jax import)
+
+os.environ["XLA_FLAGS"] = with_device_count(os.environ.get("XLA_FLAGS", ""), 4)  # the suite's other flags kept
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402
