@@ -54,7 +54,8 @@ def test_router_losses_are_the_mean_over_slices(synthetic, random_params):
     # Reference: each strided slice (rows j, j+2, ...) through loss_fn on its own (jitted: one
     # program each rather than hundreds of op-by-op compiles).
     slices = [{k: v[j::2] for k, v in batch.items()} for j in range(2)]
-    parts = [jax.device_get(jax.jit(lambda p, b: losses.loss_fn(p, b, cfg)[1])(params, s)) for s in slices]
+    slice_metrics = jax.jit(lambda p, b: losses.loss_fn(p, b, cfg)[1])  # one compile for both
+    parts = [jax.device_get(slice_metrics(params, s)) for s in slices]
     for key in ("lb_loss", "z_loss"):
         np.testing.assert_allclose(m[key], np.mean([p[key] for p in parts]), rtol=RTOL)
     extra = np.mean([p["loss"] - p["ce_loss"] for p in parts])
