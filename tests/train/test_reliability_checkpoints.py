@@ -215,3 +215,37 @@ def test_object_store_appender_rewrites_whole_objects(tmp_path):
     out.close()
     assert path.read_text() == '{"old": 1}\n{"a": 1}\n{"b": 2}\n'
     assert paths.is_remote("gs://b/run") and not paths.is_remote(str(tmp_path))
+
+
+def test_saving_replicated_arrays_on_cpu_runs_no_device_programs(tmp_path):
+    """A CPU process's devices live in host memory: a replicated array is written from one
+    copy, not sliced across its replicas by device programs (Orbax's replica-parallel saving,
+    which compiled and ran a slice per replica: about 1 s of each save of the tiny model)."""
+    mesh = jax.make_mesh((8,), ("data",), devices=jax.devices()[:8])
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    rng = np.random.default_rng(0)
+    state = {"w": jax.device_put(rng.standard_normal((24, 40), np.float32), replicated),
+             "b": jax.device_put(rng.standard_normal((72,), np.float32), replicated)}
+    jax.block_until_ready(state)
+    compiles = []
+
+    def listen(event, _secs, **_):
+        if event.endswith("backend_compile_duration"):
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    writer = checkpoint.Checkpointer(str(tmp_path / "wd"), keep=1, save_every=1)
+    try:
+        writer.save(1, state)
+    finally:
+        writer.close()
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert compiles == []
+    reader = checkpoint.Checkpointer(str(tmp_path / "wd"), keep=1, save_every=1)
+    try:
+        step, got = reader.restore_latest(jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state))
+    finally:
+        reader.close()
+    assert step == 1
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(got), jax.device_get(state))
