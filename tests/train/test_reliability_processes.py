@@ -75,7 +75,9 @@ def test_sigterm_saves_the_step_and_the_resumed_losses_are_bit_identical(npy, tm
     at = random.Random().randint(5, 50)  # the step after which the signal is sent
     args = (f"train.steps={steps}", f"train.ckpt_every={every}")
     ref_wd, wd = str(tmp_path / "reference"), str(tmp_path / "preempted")
-    ref, run = _start(npy, ref_wd, *args), _start(npy, wd, *args)
+    run = _start(npy, wd, *args)
+    _wait_for_step(run, wd, 2)  # compiled: the reference loads the same program from the cache
+    ref = _start(npy, ref_wd, *args)
     _wait_for_step(run, wd, at)
     run.send_signal(signal.SIGTERM)
     summary = _finish(run, timeout=300)
@@ -121,8 +123,10 @@ def test_resume_on_8_then_4_then_1_devices(npy, tmp_path):
     ref_wd, wd = str(tmp_path / "reference"), str(tmp_path / "moving")
     # optim.decay_steps fixed: with 0 the schedule would follow train.steps, which changes here.
     same = ("train.ckpt_every=4", "optim.decay_steps=12")
+    first = _start(npy, wd, "train.steps=4", "mesh.data=8", *same)
+    _wait_for_step(first, wd, 2)  # compiled: the reference loads the same program from the cache
     ref = _start(npy, ref_wd, "train.steps=12", "mesh.data=8", *same)
-    _finish(_start(npy, wd, "train.steps=4", "mesh.data=8", *same))
+    _finish(first)
     _finish(_start(npy, wd, "train.steps=8", "mesh.data=4", *same, devices=4))
     _finish(_start(npy, wd, "train.steps=12", "mesh.data=1", *same, devices=1))
     _finish(ref)
