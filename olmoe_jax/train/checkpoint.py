@@ -17,6 +17,7 @@ Workdirs may be local paths or `gs://bucket/run` (etils.epath, as Orbax itself u
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import logging
 import os
 import sys
@@ -79,20 +80,20 @@ def step_items(workdir, step: int) -> set[str]:
     return {p.name for p in d.iterdir() if p.is_dir()} if d.is_dir() else set()
 
 
+@functools.cache  # once per process: Orbax's handler registry is process-wide
 def _no_replica_slices_on_cpu() -> None:
     """Turns Orbax's replica-parallel saving off where jax runs on CPU.
 
     Replica-parallel saving has each replica of a replicated array copy a slice of it to the
     host, so replicas on several hosts share the writing. A CPU process's devices already live
     in host memory: the slices are only extra device ops (a compile for each new shape, then a
-    dispatch for each slice), about 1 s of a 1 s save of the tiny model on 8 CPU devices.
-    Orbax makes the same choice for GPUs; on TPU its default (on) is kept.
+    dispatch for each slice). Measured on the tiny model on 8 CPU devices: 3 saves took 3.15 s
+    with them, 0.25 s without. Orbax makes the same choice for GPUs; on TPU its default (on)
+    is kept.
     """
     if jax.default_backend() == "cpu":
-        handler = ocp.type_handlers.get_type_handler(jax.Array)
-        if getattr(handler, "_use_replica_parallel", False):
-            ocp.type_handlers.register_type_handler(
-                jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+        ocp.type_handlers.register_type_handler(
+            jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
 
 
 def _manager(workdir, *, read_only: bool, keep: int | None = None,
